@@ -1,0 +1,221 @@
+"""The one configuration model of medgcsam, read from YAML in `pipelines/`.
+
+Every command takes a pipeline file and optional ``--set a.b=value`` overrides; a bad
+field fails here, before any data is read or any model is built, with the field and reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the images are and how they become tensors."""
+
+    manifest: Path
+    root: Path | None = Field(None, description="Image paths are relative to this; default: manifest folder")
+    task: str | None = Field(None, description="Label map applied to the manifest (bus_binary, bus_3class, ...)")
+    classes: list[str] | None = Field(None, description="Class order; default: sorted labels after mapping")
+    modality: Literal["ultrasound", "xray", "generic"] = "generic"
+    image_size: int | None = Field(None, ge=8, description="Square input size; default: backbone's")
+    channels: Literal[1, 3] = 3
+    batch_size: int = Field(16, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+    num_workers: int = Field(2, ge=0)
+    cache: Literal["none", "memory", "disk"] = "memory"
+    cache_dir: Path | None = None
+    augment: bool = True
+    aug_backend: Literal["monai", "albumentations"] = "monai"
+    val_fold: int | None = Field(0, ge=0, description="Fold of the train split used for validation")
+    dicom_multiframe: Literal["first", "middle", "error"] = "middle"
+
+
+class ModelConfig(_Strict):
+    """A timm backbone; weights only from a local file, never from a hub."""
+
+    name: str = "resnet18"
+    pretrained_path: Path | None = None
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    drop_path_rate: float | None = Field(None, ge=0.0, lt=1.0)
+
+
+class OptimizerConfig(BaseModel):
+    """Optimizer name, base and hyperparameters; extra keys (rho, alpha, gamma, ...) go to the method."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str = "gcsam"
+    base: str = "adam"
+    lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """Method-specific keyword arguments (everything but name/base/lr/weight_decay)."""
+        return dict(self.model_extra or {})
+
+
+class TrainConfig(_Strict):
+    """Loop settings; every option here is recorded in MLflow as a parameter."""
+
+    epochs: int = Field(10, ge=1)
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    class_weights: Literal["none", "balanced"] | list[float] = "none"
+    monitor: Literal["val_loss", "val_accuracy", "val_balanced_accuracy", "val_auroc"] = "val_balanced_accuracy"
+    early_stopping_patience: int | None = Field(None, ge=1)
+    warm_start_epochs: int = Field(0, ge=0, description="Epochs of the base optimizer before the SAM method")
+    amp: Literal["none", "bf16", "fp16"] = "bf16"
+    grad_clip: float | None = Field(None, gt=0.0)
+    accumulation_steps: int = Field(1, ge=1)
+    seed: int = 0
+    deterministic: bool = True
+    device: str = "auto"
+    ddp_perturbation: Literal["local", "synced"] = "local"
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    grad_norm_every: int = Field(1, ge=1, description="Record gradient norms every N steps")
+
+
+class TrackingConfig(_Strict):
+    """MLflow: embedded sqlite under output_dir unless a URI is given."""
+
+    uri: str | None = None
+    experiment: str = "medgcsam"
+    run_name: str | None = None
+    register_as: str | None = None
+    alias: str | None = "champion"
+    log_model: bool = True
+    connect_timeout_s: float = Field(10.0, gt=0.0)
+
+    @field_validator("alias")
+    @classmethod
+    def _alias_allowed(cls, v: str | None) -> str | None:
+        if v is not None and (v.lower() == "latest" or (v[:1] == "v" and v[1:].isdigit())):
+            raise ValueError(f"alias {v!r} is reserved by MLflow (latest, v<digits>); pick e.g. 'champion'")
+        return v
+
+
+class EvaluationConfig(_Strict):
+    """Clinical evaluation run at the end of training (and by `medgcsam evaluate`)."""
+
+    enabled: bool = True
+    positive_class: str | None = Field(None, description="Class whose probability is thresholded")
+    operating_point: Literal["youden", "sensitivity"] = "youden"
+    target_sensitivity: float | None = Field(None, gt=0.0, le=1.0)
+    bootstrap: int = Field(1000, ge=0)
+    ece_bins: int = Field(15, ge=2)
+    splits: list[str] = ["val", "test"]
+
+    @model_validator(mode="after")
+    def _target_needs_value(self) -> EvaluationConfig:
+        if self.operating_point == "sensitivity" and self.target_sensitivity is None:
+            raise ValueError("operating_point 'sensitivity' needs target_sensitivity (e.g. 0.95)")
+        return self
+
+
+class SharpnessConfig(_Strict):
+    """Hessian sharpness on a fixed augmentation-free subset of the training split."""
+
+    enabled: bool = False
+    n_samples: int = Field(256, ge=1)
+    batch_size: int = Field(64, ge=1)
+    top_k: int = Field(1, ge=1)
+    lanczos_steps: int = Field(30, ge=2)
+    trace_probes: int = Field(50, ge=1)
+    density_probes: int = Field(1, ge=1)
+    density_steps: int = Field(80, ge=2)
+    seed: int = 0
+
+
+class PipelineConfig(_Strict):
+    """A whole pipeline: data, model, optimizer, loop, tracking, evaluation, sharpness."""
+
+    name: str = "medgcsam"
+    output_dir: Path = Path("outputs")
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    sharpness: SharpnessConfig = SharpnessConfig()
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view (``optimizer.rho``), the form MLflow parameters take."""
+        return _flatten(json.loads(self.model_dump_json()))
+
+    def sha256(self) -> str:
+        """Hash of the full resolved config, stored in checkpoints to refuse a mismatched resume."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+class ConfigError(ValueError):
+    """A pipeline file or override that cannot be used; the message names the field and the fix."""
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings; the value is parsed as YAML (``0.1`` is a float, ``[1,2]`` a list)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.field=value")
+        dotted, text = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+        node[keys[-1]] = yaml.safe_load(text)
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a pipeline YAML, apply overrides, validate; relative data paths resolve against the YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"pipeline file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections (data, model, optimizer, ...)")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{path}: invalid configuration"]
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+    base = path.resolve().parent
+    data = cfg.data
+    if not data.manifest.is_absolute():
+        data.manifest = (base / data.manifest).resolve()
+    if data.root is not None and not data.root.is_absolute():
+        data.root = (base / data.root).resolve()
+    return cfg

@@ -1,0 +1,90 @@
+"""One factory for classifiers: a timm backbone by name, sized for the task, weights from disk only."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Short names used in pipelines; any other timm name passes through unchanged.
+ALIASES = {
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+    "swin_tiny": "swin_tiny_patch4_window7_224",
+}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What preprocessing a backbone expects; it travels with every logged model."""
+
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict:
+        return {"image_size": self.image_size, "channels": self.channels, "mean": list(self.mean),
+                "std": list(self.std)}
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    in_chans: int = 3,
+    pretrained_path: str | Path | None = None,
+    drop_rate: float = 0.0,
+    drop_path_rate: float | None = None,
+    image_size: int | None = None,
+) -> nn.Module:
+    """Build ``name`` from timm with ``pretrained=False``; load ``pretrained_path`` (safetensors or
+    a weights-only torch file) when given, adapting the stem to ``in_chans`` and resetting the head."""
+    timm_name = ALIASES.get(name, name)
+    if timm_name not in timm.list_models():
+        raise ValueError(f"unknown backbone {name!r}; use a timm model name such as resnet18, resnet50, "
+                         f"vgg16_bn, vit_small_patch16_224, swin_tiny_patch4_window7_224, densenet121")
+    kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": drop_rate}
+    if drop_path_rate is not None:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if image_size is not None and _takes_img_size(timm_name):
+        kwargs["img_size"] = image_size
+    if pretrained_path is not None:
+        path = Path(pretrained_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained weights file {path} does not exist (model.pretrained_path)")
+        # timm adapts the first conv to in_chans and drops a mismatched classifier for us.
+        kwargs["pretrained_cfg_overlay"] = {"file": str(path.resolve()), "num_classes": 0}
+        return timm.create_model(timm_name, pretrained=True, **kwargs)
+    return timm.create_model(timm_name, pretrained=False, **kwargs)
+
+
+def _takes_img_size(timm_name: str) -> bool:
+    """Transformers fix their patch grid at build time, so they need the input size up front."""
+    return timm_name.startswith(("vit_", "swin_", "deit_", "test_vit"))
+
+
+def input_spec(model: nn.Module, image_size: int | None = None, channels: int | None = None) -> InputSpec:
+    """Size and normalization from the backbone's data config; grey inputs get the channel mean."""
+    cfg = timm.data.resolve_data_config({}, model=model)
+    chans = channels if channels is not None else cfg["input_size"][0]
+    mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
+    if chans == 1 and len(mean) == 3:
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    size = image_size if image_size is not None else int(cfg["input_size"][-1])
+    return InputSpec(image_size=size, channels=chans, mean=mean, std=std)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights-only load: a checkpoint from elsewhere can never run code here."""
+    return torch.load(path, map_location="cpu", weights_only=True)
