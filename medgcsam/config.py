@@ -86,6 +86,8 @@ class TrainConfig(_Strict):
     ddp_perturbation: Literal["local", "synced"] = "local"
     max_steps_per_epoch: int | None = Field(None, ge=1)
     grad_norm_every: int = Field(1, ge=1, description="Record gradient norms every N steps")
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="Also write last.pt every N steps "
+                                               "(mid-epoch resume); default: once per epoch")
 
 
 class TrackingConfig(_Strict):
@@ -132,6 +134,8 @@ class SharpnessConfig(_Strict):
     n_samples: int = Field(256, ge=1)
     batch_size: int = Field(64, ge=1)
     top_k: int = Field(1, ge=1)
+    method: Literal["lanczos", "power"] = Field("lanczos", description="power = PyHessian-compatible iteration")
+    tol: float = Field(1e-3, gt=0.0, description="Relative residual (lanczos) or change (power) to stop at")
     lanczos_steps: int = Field(30, ge=2)
     trace_probes: int = Field(50, ge=1)
     density_probes: int = Field(1, ge=1)

@@ -1,0 +1,14 @@
+"""Sharpness-aware optimizers: GCSAM and the baselines of the paper, one interface for the training loop."""
+
+from .core import BASE_OPTIMIZERS, BatchNormBuffers, WrappedOptimizer
+from .factory import OPTIMIZERS, check_hyperparameters, create_optimizer
+from .gc import GC_TARGETS, centralize_, centralized, gc_mask
+from .gc_adam import GCAdam
+from .msam import MSAM
+from .sam import ASAM, CRSAM, GCSAM, GSAM, SAM, WSAM, SharpnessAware
+
+__all__ = [
+    "ASAM", "BASE_OPTIMIZERS", "CRSAM", "GCSAM", "GC_TARGETS", "GSAM", "MSAM", "OPTIMIZERS", "SAM", "WSAM",
+    "BatchNormBuffers", "GCAdam", "SharpnessAware", "WrappedOptimizer", "centralize_", "centralized",
+    "check_hyperparameters", "create_optimizer", "gc_mask",
+]

@@ -1,0 +1,42 @@
+# medgcsam for GPU servers: train, evaluate and batch-predict with the `medgcsam` command.
+#
+#   docker build -t medgcsam:0.1.0 .
+#   docker run --rm --gpus all -v /srv/studies:/data:ro -v /srv/medgcsam:/mlflow \
+#       -e MLFLOW_TRACKING_URI=http://mlflow:5000 medgcsam:0.1.0 \
+#       predict --model models:/bus-classifier@champion --input /data --output /mlflow/predictions/run1.csv
+#
+# The base image's torch/torchvision must equal the pins in pyproject.toml (2.14.1 / 0.29.1); pip
+# then keeps them and installs the rest with the same pins and the same command as docs/container.md.
+# Not built on the development machines (no Docker engine there): see docs/container.md.
+ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1 \
+    HF_HOME=/weights/huggingface \
+    TORCH_HOME=/weights/torch \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false
+
+# A fixed non-root uid so files written to the volumes have a predictable owner on the host.
+RUN groupadd --gid 10001 medgcsam \
+    && useradd --uid 10001 --gid medgcsam --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin medgcsam \
+    && mkdir -p /data /weights /mlflow \
+    && chown medgcsam:medgcsam /data /weights /mlflow
+
+WORKDIR /opt/medgcsam
+COPY pyproject.toml README.md ./
+COPY medgcsam ./medgcsam
+COPY pipelines ./pipelines
+# Same install command as docs/container.md (non-editable here, because the source does not change).
+RUN python -m pip install ".[dicom,server]" \
+    && python -c "import medgcsam.cli, torch; assert torch.__version__.split('+')[0] == '2.14.1', torch.__version__"
+
+USER medgcsam
+WORKDIR /mlflow
+VOLUME ["/data", "/weights", "/mlflow"]
+ENTRYPOINT ["medgcsam"]
+CMD ["--help"]

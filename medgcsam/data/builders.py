@@ -1,0 +1,295 @@
+"""Manifest builders, one per public layout, registered by format name.
+
+Each builder reads a source exactly as it is published and returns manifest rows with paths relative
+to the source root. Structural problems (a missing label file, an unparseable row) raise
+``BuildError`` naming the file and line; a listed image that is absent becomes a row with an
+``exclude_reason`` so the manifest still says what the source claimed to contain.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from medgcsam.data.io import IMAGE_SUFFIXES
+from medgcsam.data.manifest import MANIFEST_COLUMNS, file_sha256, normalize_manifest
+
+MISSING_FILE = "file not found"
+
+
+class BuildError(ValueError):
+    """A source layout that cannot be read; the message names the file/line and the fix."""
+
+
+@dataclass
+class BuildResult:
+    frame: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+
+Builder = Callable[..., BuildResult]
+_BUILDERS: dict[str, Builder] = {}
+
+
+def register_builder(name: str) -> Callable[[Builder], Builder]:
+    def deco(fn: Builder) -> Builder:
+        _BUILDERS[name] = fn
+        return fn
+    return deco
+
+
+def list_formats() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def build_manifest(fmt: str, root: str | Path, *, hash_files: bool = True, **options) -> BuildResult:
+    """Run the ``fmt`` builder on ``root``; paths in the result are relative to ``root``."""
+    if fmt not in _BUILDERS:
+        raise BuildError(f"unknown format {fmt!r}; available: {list_formats()}")
+    root = Path(root)
+    if not root.is_dir():
+        raise BuildError(f"{root}: not a folder; pass the folder that holds the {fmt} data")
+    result = _BUILDERS[fmt](root, **options)
+    df = result.frame
+    missing = [not (root / p).is_file() for p in df["path"]]
+    df.loc[missing, "exclude_reason"] = df.loc[missing, "exclude_reason"].where(
+        df.loc[missing, "exclude_reason"] != "", MISSING_FILE)
+    if any(missing):
+        first = df.loc[missing, "path"].head(3).tolist()
+        result.notes.append(f"{sum(missing)} listed image(s) not found under {root} (e.g. {first}); "
+                            f"kept with exclude_reason '{MISSING_FILE}'")
+    if hash_files:
+        df["sha256"] = [file_sha256(root / p) if not m else "" for p, m in zip(df["path"], missing, strict=True)]
+    result.frame = normalize_manifest(df, origin=f"{fmt} build of {root}")
+    return result
+
+
+def _rows(records: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame.from_records(records)
+    for col in MANIFEST_COLUMNS:
+        if col not in df.columns:
+            df[col] = -1 if col == "fold" else ""
+    return df
+
+
+def _walk_class_folders(root: Path, skip: Callable[[Path], bool] = lambda p: False) -> tuple[list[dict], int]:
+    """Images under ``root/<class>/**``; returns records and how many files ``skip`` dropped."""
+    records, skipped = [], 0
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for file in sorted(class_dir.rglob("*")):
+            if not file.is_file() or file.name.startswith(".") or file.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if skip(file):
+                skipped += 1
+                continue
+            records.append({"path": file.relative_to(root).as_posix(), "label": class_dir.name})
+    return records, skipped
+
+
+@register_builder("folder")
+def build_folder(root: Path, *, source: str | None = None) -> BuildResult:
+    """Generic layout: one sub-folder per class, images anywhere below it."""
+    records, _ = _walk_class_folders(root)
+    if not records:
+        raise BuildError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in class sub-folders; expected "
+                         f"ROOT/<class>/<image>")
+    df = _rows(records)
+    df["source"] = source or root.name
+    return BuildResult(df, [f"{len(df)} images in {df['label'].nunique()} class folders"])
+
+
+BUSI_CLASSES = ("benign", "malignant", "normal")
+
+
+@register_builder("busi")
+def build_busi(root: Path) -> BuildResult:
+    """BUSI: ``benign/ malignant/ normal/`` (optionally inside ``Dataset_BUSI_with_GT``); every file whose
+    stem contains ``_mask`` (``_mask``, ``_mask_1``, ...) is a segmentation mask, not an image."""
+    if (root / "Dataset_BUSI_with_GT").is_dir():
+        root_in = root / "Dataset_BUSI_with_GT"
+        prefix = "Dataset_BUSI_with_GT/"
+    else:
+        root_in, prefix = root, ""
+    extra = sorted(p.name for p in root_in.iterdir() if p.is_dir() and p.name.lower() not in BUSI_CLASSES
+                   and not p.name.startswith("."))
+    if extra:
+        raise BuildError(f"{root_in}: unexpected folder(s) {extra}; BUSI has only {list(BUSI_CLASSES)} "
+                         f"(use --format folder for other layouts)")
+    records, masks = _walk_class_folders(root_in, skip=lambda p: "_mask" in p.stem.lower())
+    if not records:
+        raise BuildError(f"{root_in}: no BUSI images; expected benign/ malignant/ normal/ with 'benign (1).png' ...")
+    df = _rows(records)
+    df["path"] = prefix + df["path"]
+    df["label"] = df["label"].str.lower()
+    df["source"] = "busi"
+    counts = df["label"].value_counts().to_dict()
+    return BuildResult(df, [f"{len(df)} images {counts}; {masks} mask file(s) dropped",
+                            "BUSI has no patient ids: `manifest split` groups by duplicate cluster"])
+
+
+@register_builder("gdph_sysucc")
+def build_gdph_sysucc(root: Path) -> BuildResult:
+    """GDPH&SYSUCC (HoVer-Trans): ``label.csv`` (name,label with 0 benign / 1 malignant) and ``img/``."""
+    label_file = root / "label.csv"
+    if not label_file.is_file():
+        raise BuildError(f"{root}: no label.csv; pass the GDPH&SYSUCC folder that holds label.csv and img/")
+    table = pd.read_csv(label_file, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    table.columns = [c.strip().lower() for c in table.columns]
+    if not {"name", "label"} <= set(table.columns):
+        raise BuildError(f"{label_file}: columns {list(table.columns)}; expected 'name' and 'label'")
+    names = {"0": "benign", "1": "malignant", "benign": "benign", "malignant": "malignant"}
+    records = []
+    for i, (name, label) in enumerate(zip(table["name"].str.strip(), table["label"].str.strip(), strict=True)):
+        if label.lower() not in names:
+            raise BuildError(f"{label_file} line {i + 2}: label {label!r}; expected 0 (benign) or 1 (malignant)")
+        records.append({"path": _find_image(root / "img", name, root), "label": names[label.lower()]})
+    df = _rows(records)
+    df["source"] = "gdph_sysucc"
+    return BuildResult(df, [f"{len(df)} images {df['label'].value_counts().to_dict()} from {label_file.name}",
+                            "GDPH&SYSUCC has no patient ids: `manifest split` groups by duplicate cluster"])
+
+
+def _find_image(folder: Path, name: str, root: Path) -> str:
+    """``name`` as listed, or with the first image suffix that exists (label files often omit it)."""
+    candidates = [folder / name] + [folder / f"{name}{s}" for s in IMAGE_SUFFIXES if not name.lower().endswith(s)]
+    hit = next((c for c in candidates if c.is_file()), candidates[0])
+    return hit.relative_to(root).as_posix()
+
+
+@register_builder("busbra")
+def build_busbra(root: Path, *, folds: int = 5) -> BuildResult:
+    """BUS-BRA: ``bus_data.csv`` (ID, Pathology, ...), ``Images/<ID>.png``, official ``<k>-fold-cv.csv``.
+
+    The case number in the ID (``bus_0001-l`` -> ``0001``) is the patient group, since left/right and
+    repeated views of one case must stay together. Official folds go to ``fold`` with every row in
+    ``train``; run ``manifest split`` to carve a test split instead.
+    """
+    data_file = root / "bus_data.csv"
+    if not data_file.is_file():
+        raise BuildError(f"{root}: no bus_data.csv; pass the BUS-BRA folder that holds bus_data.csv and Images/")
+    table = pd.read_csv(data_file, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    cols = {c.strip().lower(): c for c in table.columns}
+    if "id" not in cols or "pathology" not in cols:
+        raise BuildError(f"{data_file}: columns {list(table.columns)}; expected at least 'ID' and 'Pathology'")
+    case_col = cols.get("case")
+    records = []
+    for i, row in table.iterrows():
+        image_id = row[cols["id"]].strip()
+        label = row[cols["pathology"]].strip().lower()
+        if label not in ("benign", "malignant"):
+            raise BuildError(f"{data_file} line {i + 2}: Pathology {label!r}; expected benign or malignant")
+        match = re.search(r"(\d+)", image_id)
+        if case_col is None and match is None:
+            raise BuildError(f"{data_file} line {i + 2}: ID {image_id!r} has no case number (e.g. bus_0001-l)")
+        case = row[case_col].strip() if case_col else match.group(1)
+        records.append({"path": _find_image(root / "Images", image_id, root), "label": label,
+                        "patient_id": f"busbra:{case}", "split": "train", "bus_id": image_id})
+    df = _rows(records)
+    df["source"] = "busbra"
+    notes = [f"{len(df)} images {df['label'].value_counts().to_dict()}, {df['patient_id'].nunique()} cases"]
+    fold_file = root / f"{folds}-fold-cv.csv"
+    if fold_file.is_file():
+        df["fold"] = _official_folds(fold_file, df["bus_id"])
+        notes.append(f"official folds from {fold_file.name}: {df['fold'].value_counts().sort_index().to_dict()}")
+    else:
+        notes.append(f"no {fold_file.name}: folds left empty (run `manifest split`)")
+    return BuildResult(df, notes)
+
+
+def _official_folds(fold_file: Path, ids: pd.Series) -> list[int]:
+    table = pd.read_csv(fold_file, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    cols = {c.strip().lower(): c for c in table.columns}
+    if "id" not in cols or "kfold" not in cols:
+        raise BuildError(f"{fold_file}: columns {list(table.columns)}; expected 'ID' and 'kFold'")
+    values = pd.to_numeric(table[cols["kfold"]], errors="coerce")
+    if values.isna().any():
+        bad = int(values.isna().to_numpy().argmax())
+        raise BuildError(f"{fold_file} line {bad + 2}: kFold {table[cols['kfold']].iloc[bad]!r} is not an integer")
+    offset = int(values.min())  # the published files count folds from 1
+    lookup = dict(zip(table[cols["id"]].str.strip(), (values - offset).astype(int), strict=True))
+    missing = [i for i in ids if i not in lookup]
+    if missing:
+        raise BuildError(f"{fold_file}: no fold for ID(s) {missing[:5]}; use the fold file shipped with this "
+                         f"bus_data.csv")
+    return [lookup[i] for i in ids]
+
+
+COVIDX_CLASSES = ("normal", "pneumonia", "COVID-19", "positive", "negative")
+COVIDX_SOURCE_ALIASES = {"rnsa": "rsna"}  # a typo in the published v9 label files
+
+
+@dataclass(frozen=True)
+class CovidxRow:
+    patient_id: str
+    filename: str
+    label: str
+    source: str
+
+
+def parse_covidx_line(line: str, where: str) -> CovidxRow:
+    """One label-file row, parsed from the right because patient ids may contain spaces.
+
+    4-field rows end with the data source; legacy 3-field rows end with the class.
+    """
+    text = line.rstrip("\r\n").strip()
+    tokens = text.split(" ")
+    if len(tokens) < 3:
+        raise BuildError(f"{where}: {text!r} has {len(tokens)} field(s); expected 'patient_id filename class "
+                         f"[source]' separated by single spaces")
+    if tokens[-1] in COVIDX_CLASSES:
+        pid, filename, label = text.rsplit(" ", 2)
+        source = "unknown"
+    else:
+        if len(tokens) < 4:
+            raise BuildError(f"{where}: {text!r}: last field {tokens[-1]!r} is neither a class {list(COVIDX_CLASSES)} "
+                             f"nor preceded by one")
+        pid, filename, label, source = text.rsplit(" ", 3)
+        if label not in COVIDX_CLASSES:
+            raise BuildError(f"{where}: class {label!r} is not one of {list(COVIDX_CLASSES)}")
+    source = source.lower()
+    return CovidxRow(pid.strip(), filename, label, COVIDX_SOURCE_ALIASES.get(source, source))
+
+
+def _covidx_split(name: str) -> str | None:
+    lower = name.lower()
+    return next((s for s in ("train", "val", "test") if s in lower), None)
+
+
+@register_builder("covidx")
+def build_covidx(root: Path) -> BuildResult:
+    """COVIDx label files (``train.txt``/``val.txt``/``test.txt`` or ``*_COVIDx*.txt``) in ``root`` or
+    ``root/labels``; images in ``root/<split>/`` (CXR-2..4 layout) or ``root/``.
+
+    The official split of every row is kept (``manifest split`` never moves frozen test rows) and the
+    patient group is ``source:patient_id``, since ids are only unique within a source.
+    """
+    label_files = sorted(p for d in (root, root / "labels") if d.is_dir() for p in d.glob("*.txt")
+                         if _covidx_split(p.name))
+    if not label_files:
+        raise BuildError(f"{root}: no COVIDx label files (train.txt, val.txt, test.txt or *_COVIDx*.txt) "
+                         f"in it or in labels/")
+    records, aliased, sources = [], 0, Counter()
+    for lf in label_files:
+        split = _covidx_split(lf.name)
+        image_dir = root / split if (root / split).is_dir() else root
+        with open(lf, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                row = parse_covidx_line(line, f"{lf} line {n}")
+                aliased += line.rstrip().lower().endswith(tuple(f" {a}" for a in COVIDX_SOURCE_ALIASES))
+                sources[row.source] += 1
+                records.append({"path": (image_dir / row.filename).relative_to(root).as_posix(), "label": row.label,
+                                "source": row.source, "patient_id": f"{row.source}:{row.patient_id}",
+                                "split": split})
+    df = _rows(records)
+    notes = [f"{len(df)} rows from {[p.name for p in label_files]}; per split "
+             f"{df['split'].value_counts().to_dict()}", f"sources: {dict(sources)}"]
+    if aliased:
+        notes.append(f"{aliased} row(s) with source 'rnsa' normalised to 'rsna'")
+    return BuildResult(df, notes)

@@ -1,0 +1,245 @@
+"""Manifest rows -> torch Datasets and DataLoaders with a cached deterministic part.
+
+The deterministic output (read, channels, resize/pad; values in [0, 1]) is cached as uint8:
+- ``memory``: one contiguous (N, C, S, S) uint8 tensor filled once by ``warm_cache`` (parallel, in
+  DataLoader workers) before training; a single tensor is shared copy-on-write with forked workers
+  instead of being duplicated object by object.
+- ``disk``: one ``.npy`` per image under ``cache_dir/<hash of transform config>/``, keyed by the
+  file's sha256 (or path, size and mtime), so a changed config or a changed file never reuses a stale
+  entry; read back with ``allow_pickle=False``.
+Random augmentation and normalization run after the cache, every epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from monai.data.utils import set_rnd
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from medgcsam.config import DataConfig
+from medgcsam.data.manifest import included, manifest_sha256, read_manifest, resolve_root
+from medgcsam.data.tasks import apply_task, get_task
+from medgcsam.data.transforms import (
+    InputSpecLike,
+    deterministic_transforms,
+    normalize_transform,
+    random_transforms,
+    transform_config,
+)
+
+CACHE_MODES = ("none", "memory", "disk")
+
+
+def _to_uint8(img: torch.Tensor) -> torch.Tensor:
+    return img.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+class ManifestDataset(Dataset):
+    """Items ``{"image": float (C, S, S) normalized, "label": int64, "index": int}`` for the rows of ``frame``.
+
+    ``index`` is the position in ``frame`` so evaluation can join path/patient_id/source back.
+    """
+
+    def __init__(self, frame: pd.DataFrame, root: Path, class_names: list[str], spec: InputSpecLike, *,
+                 modality: str = "generic", augment: bool = False, backend: str = "monai",
+                 cache: str = "none", cache_dir: Path | None = None, multiframe: str = "middle") -> None:
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+        self.frame = frame.reset_index(drop=True)
+        self.root = Path(root)
+        self.class_names = list(class_names)
+        self.spec, self.modality, self.multiframe = spec, modality, multiframe
+        self.cache = cache
+        self.paths = [str(self.root / p) for p in self.frame["path"]]
+        lookup = {c: i for i, c in enumerate(self.class_names)}
+        self.labels = torch.tensor([lookup[c] for c in self.frame["label"]], dtype=torch.int64)
+        self.deterministic = deterministic_transforms(spec, modality, normalize=False, multiframe=multiframe)
+        self.augment = random_transforms(spec, modality, backend) if augment else None
+        self.normalize = normalize_transform(spec)
+        self.config_hash = hashlib.sha256(
+            json.dumps(transform_config(spec, modality, multiframe), sort_keys=True).encode()).hexdigest()[:16]
+        self.cache_dir: Path | None = None
+        if cache == "disk":
+            base = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "medgcsam" / "images"
+            self.cache_dir = base / self.config_hash
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            (self.cache_dir / "transform_config.json").write_text(
+                json.dumps(transform_config(spec, modality, multiframe), indent=1, sort_keys=True))
+        self._memory: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    # -- deterministic part -------------------------------------------------------------------------
+    def preprocessed(self, index: int) -> torch.Tensor:
+        """uint8 (C, S, S) deterministic output of one row, from the cache when there is one."""
+        if self._memory is not None:
+            return self._memory[index]
+        if self.cache_dir is not None:
+            return self._from_disk(index)
+        return _to_uint8(self.deterministic({"image": self.paths[index]})["image"])
+
+    def _disk_key(self, index: int) -> str:
+        sha = self.frame["sha256"].iloc[index]
+        if sha:
+            return sha
+        st = os.stat(self.paths[index])
+        key = f"{os.path.abspath(self.paths[index])}|{st.st_size}|{st.st_mtime_ns}"
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    def _from_disk(self, index: int) -> torch.Tensor:
+        target = self.cache_dir / f"{self._disk_key(index)}.npy"
+        if target.is_file():
+            try:
+                return torch.from_numpy(np.load(target, allow_pickle=False))
+            except (ValueError, OSError):
+                target.unlink(missing_ok=True)  # torn or foreign file: rebuild it below
+        img = _to_uint8(self.deterministic({"image": self.paths[index]})["image"])
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".npy.tmp")
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, img.numpy(), allow_pickle=False)
+        os.replace(tmp, target)  # atomic: concurrent workers never read half a file
+        return img
+
+    def warm_cache(self, num_workers: int = 0, batch_size: int = 32) -> None:
+        """Run the deterministic part over every row once (in parallel workers) and keep the result."""
+        if self.cache == "none" or self._memory is not None or len(self) == 0:
+            return
+        loader = DataLoader(_Preprocessed(self), batch_size=batch_size, num_workers=num_workers, shuffle=False)
+        chunks = [batch for batch in loader]
+        if self.cache == "memory":
+            self._memory = torch.cat(chunks).contiguous()
+
+    # -- item ---------------------------------------------------------------------------------------
+    def __getitem__(self, index: int) -> dict:
+        item = {"image": self.preprocessed(index).float().div_(255.0)}
+        if self.augment is not None:
+            item = self.augment(item)
+        item = self.normalize(item)
+        return {"image": item["image"], "label": self.labels[index], "index": index}
+
+    def without_augmentation(self) -> ManifestDataset:
+        """Same rows and cache, no random part (sharpness subsets, train-set evaluation)."""
+        clone = object.__new__(ManifestDataset)
+        clone.__dict__.update(self.__dict__)
+        clone.augment = None
+        return clone
+
+
+class _Preprocessed(Dataset):
+    """Deterministic-only view used to fill caches in parallel."""
+
+    def __init__(self, parent: ManifestDataset) -> None:
+        self.parent = parent
+
+    def __len__(self) -> int:
+        return len(self.parent)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.parent.preprocessed(index)
+
+
+@dataclass
+class DataBundle:
+    """Datasets per split plus what evaluation and the model card need about them."""
+
+    train: ManifestDataset
+    val: ManifestDataset | None
+    test: ManifestDataset | None
+    class_names: list[str]
+    manifest_sha256: str
+    frames: dict[str, pd.DataFrame] = field(default_factory=dict)
+    root: Path | None = None
+
+    def splits(self) -> dict[str, ManifestDataset]:
+        return {name: ds for name, ds in (("train", self.train), ("val", self.val), ("test", self.test))
+                if ds is not None}
+
+
+def select_splits(df: pd.DataFrame, val_fold: int | None, origin: str = "manifest") -> dict[str, pd.DataFrame]:
+    """train/val/test frames: an explicit ``val`` split wins, else ``val_fold`` of the train split."""
+    if not (df["split"] != "").any():
+        raise ValueError(f"{origin}: no row has a split; run `medgcsam manifest split` first")
+    train = df[df["split"] == "train"]
+    test = df[df["split"] == "test"]
+    if (df["split"] == "val").any():
+        val = df[df["split"] == "val"]
+    elif val_fold is not None:
+        folds = sorted(set(train["fold"]) - {-1})
+        if val_fold not in folds:
+            raise ValueError(f"{origin}: data.val_fold={val_fold} but the train split has folds {folds}; "
+                             f"pick one of them, or set data.val_fold to null for no validation split")
+        val = train[train["fold"] == val_fold]
+        train = train[train["fold"] != val_fold]
+    else:
+        val = train.iloc[0:0]
+    return {"train": train.reset_index(drop=True), "val": val.reset_index(drop=True),
+            "test": test.reset_index(drop=True)}
+
+
+def build_datasets(cfg: DataConfig, spec: InputSpecLike) -> DataBundle:
+    """Read the manifest, apply the task map, drop excluded rows and build one dataset per split."""
+    df = read_manifest(cfg.manifest)
+    root = resolve_root(cfg.manifest, cfg.root)
+    if cfg.task:
+        df = apply_task(df, cfg.task)
+    df = included(df)
+    classes = cfg.classes or (get_task(cfg.task).classes if cfg.task else sorted(df["label"].unique()))
+    unknown = df.index[~df["label"].isin(classes)]
+    if len(unknown):
+        raise ValueError(f"{cfg.manifest}: labels {sorted(set(df.loc[unknown, 'label']))} (line(s) "
+                         f"{', '.join(str(i + 2) for i in unknown[:10])}) are not in data.classes {classes}; "
+                         f"add them, set data.task, or set exclude_reason on those rows")
+    frames = select_splits(df, cfg.val_fold, origin=str(cfg.manifest))
+    if frames["train"].empty:
+        raise ValueError(f"{cfg.manifest}: the train split is empty after exclusions; check split/exclude_reason")
+    common = {"root": root, "class_names": classes, "spec": spec, "modality": cfg.modality, "cache": cfg.cache,
+              "cache_dir": cfg.cache_dir, "multiframe": cfg.dicom_multiframe}
+    datasets = {name: ManifestDataset(frame, augment=(name == "train" and cfg.augment),
+                                      backend=cfg.aug_backend, **common) if len(frame) else None
+                for name, frame in frames.items()}
+    return DataBundle(train=datasets["train"], val=datasets["val"], test=datasets["test"], class_names=classes,
+                      manifest_sha256=manifest_sha256(cfg.manifest),
+                      frames={k: v for k, v in frames.items() if len(v)}, root=root)
+
+
+def seed_worker(worker_id: int) -> None:
+    """Distinct, reproducible random streams per worker for numpy, random and MONAI/albumentations."""
+    info = torch.utils.data.get_worker_info()
+    seed = info.seed % (2**32)
+    np.random.seed(seed)
+    random.seed(seed)
+    set_rnd(info.dataset, seed)
+
+
+def build_loaders(bundle: DataBundle, cfg: DataConfig, *, distributed: bool = False,
+                  seed: int = 0) -> dict[str, DataLoader]:
+    """DataLoaders per split; train drops the last partial batch so every step has the same shape."""
+    loaders: dict[str, DataLoader] = {}
+    for name, ds in bundle.splits().items():
+        train = name == "train"
+        batch = cfg.batch_size if train else (cfg.eval_batch_size or cfg.batch_size)
+        if train and len(ds) < batch:
+            raise ValueError(f"train split has {len(ds)} images, fewer than data.batch_size={batch}; with "
+                             f"drop_last there would be no step: lower data.batch_size")
+        ds.warm_cache(cfg.num_workers)
+        set_rnd(ds, seed)
+        sampler = DistributedSampler(ds, shuffle=train, seed=seed, drop_last=train) if distributed else None
+        loaders[name] = DataLoader(
+            ds, batch_size=batch, shuffle=train and sampler is None, sampler=sampler, drop_last=train,
+            num_workers=cfg.num_workers, worker_init_fn=seed_worker if cfg.num_workers else None,
+            generator=torch.Generator().manual_seed(seed), persistent_workers=cfg.num_workers > 0,
+            pin_memory=torch.cuda.is_available())
+    return loaders
+
+

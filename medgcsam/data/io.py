@@ -1,0 +1,197 @@
+"""Read one medical image file into a float32 ``(C, H, W)`` array in ``[0, 1]``.
+
+One reader for PNG/JPEG/BMP/TIFF (Pillow) and DICOM (pydicom), so training, caching and batch
+inference see identical pixels. DICOM goes through the display pipeline in the standard's order
+(modality LUT, VOI LUT or window, MONOCHROME1/INVERSE inversion). Only pixel-module attributes are
+parsed from a DICOM file, so names, IDs, dates and UIDs never enter this process's data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+Multiframe = Literal["first", "middle", "error"]
+
+# Everything pydicom needs to decode and display pixels, and nothing else (no patient/study module).
+_DICOM_PIXEL_TAGS = [
+    "PixelData", "FloatPixelData", "DoubleFloatPixelData", "ExtendedOffsetTable", "ExtendedOffsetTableLengths",
+    "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration",
+    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "NumberOfFrames",
+    "RescaleSlope", "RescaleIntercept", "RescaleType", "ModalityLUTSequence",
+    "VOILUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction", "PresentationLUTShape",
+    "PixelPaddingValue", "PixelPaddingRangeLimit",
+    "RedPaletteColorLookupTableDescriptor", "GreenPaletteColorLookupTableDescriptor",
+    "BluePaletteColorLookupTableDescriptor", "RedPaletteColorLookupTableData",
+    "GreenPaletteColorLookupTableData", "BluePaletteColorLookupTableData",
+    "SegmentedRedPaletteColorLookupTableData", "SegmentedGreenPaletteColorLookupTableData",
+    "SegmentedBluePaletteColorLookupTableData",
+]
+
+# Transfer syntax UID -> permissively licensed decoder that handles it (all in the [dicom] extra).
+_DECODER_PACKAGE = {
+    "1.2.840.10008.1.2.4.50": "python-gdcm (or pylibjpeg)",
+    "1.2.840.10008.1.2.4.51": "python-gdcm",
+    "1.2.840.10008.1.2.4.57": "python-gdcm",
+    "1.2.840.10008.1.2.4.70": "python-gdcm",
+    "1.2.840.10008.1.2.4.80": "python-gdcm",
+    "1.2.840.10008.1.2.4.81": "python-gdcm",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.91": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.201": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.202": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.203": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.5": "pylibjpeg-rle",
+}
+
+
+class ImageReadError(ValueError):
+    """A file that cannot become pixels; the message names the file, the reason and the fix."""
+
+
+def is_dicom(path: Path) -> bool:
+    """By suffix, or by the ``DICM`` magic at byte 128 for suffix-less exports from PACS."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return False
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+    return head[128:132] == b"DICM"
+
+
+def read_image(path: str | Path, *, multiframe: Multiframe = "middle") -> np.ndarray:
+    """Pixels of ``path`` as float32 ``(C, H, W)`` in ``[0, 1]``; C is 1 (grey) or 3 (RGB, alpha dropped).
+
+    8-bit data is divided by 255 so values keep their display meaning; 16-bit and wider data is
+    min-max scaled per image, because such containers often hold 10-14 significant bits and a fixed
+    divisor would make them nearly black. ``multiframe`` picks the frame of a cine/multi-frame DICOM.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file does not exist; fix the path in the manifest or pass the right --root")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path}: file is empty (0 bytes); re-export it or set its exclude_reason in the manifest")
+    arr = _read_dicom(path, multiframe) if is_dicom(path) else _read_pillow(path)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _read_pillow(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _pillow_to_chw(img)
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{path}: not a recognised image format; convert it to PNG/JPEG/DICOM or set its "
+                             f"exclude_reason in the manifest") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"{path}: image does not decode ({exc}); the file is probably truncated or corrupt: "
+                             f"re-export it or set its exclude_reason in the manifest") from None
+
+
+def _pillow_to_chw(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode in ("RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa"):
+        img, mode = img.convert("RGB"), "RGB"
+    elif mode in ("LA", "La"):
+        img, mode = img.getchannel("L"), "L"
+    elif mode == "1":
+        img, mode = img.convert("L"), "L"
+    arr = np.asarray(img)
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    return _minmax(arr.astype(np.float32))
+
+
+def _minmax(arr: np.ndarray) -> np.ndarray:
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        return np.zeros_like(arr, dtype=np.float32)
+    return (arr - lo) / (hi - lo)
+
+
+def _read_dicom(path: Path, multiframe: Multiframe) -> np.ndarray:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, specific_tags=_DICOM_PIXEL_TAGS)
+    except InvalidDicomError:
+        raise ImageReadError(f"{path}: not a DICOM file (no 'DICM' preamble); if it is a raw dataset without a "
+                             f"preamble, re-export it as a DICOM Part 10 file") from None
+    except Exception as exc:  # pydicom raises many types for damaged headers
+        raise ImageReadError(f"{path}: DICOM header does not parse ({type(exc).__name__}: {exc}); the file is "
+                             f"damaged: re-export it or set its exclude_reason") from None
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ImageReadError(f"{path}: DICOM file has no pixel data (a report, structure set or DICOMDIR?); "
+                             f"remove it from the manifest")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        if multiframe == "error":
+            raise ImageReadError(f"{path}: DICOM has {frames} frames and multiframe='error'; choose 'first' or "
+                                 f"'middle' (data.dicom_multiframe) or export single frames")
+        ds.pixel_array_options(index=0 if multiframe == "first" else frames // 2)
+    try:
+        arr = ds.pixel_array
+    except (RuntimeError, NotImplementedError) as exc:
+        raise ImageReadError(_codec_message(path, ds, exc)) from None
+    except Exception as exc:
+        raise ImageReadError(f"{path}: DICOM pixel data does not decode ({exc}); the file is truncated or its "
+                             f"image attributes are wrong: re-export it or set its exclude_reason") from None
+    return _dicom_display(arr, ds)
+
+
+def _codec_message(path: Path, ds, exc: Exception) -> str:
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    name = getattr(ts, "name", "unknown")
+    package = _DECODER_PACKAGE.get(str(ts), "python-gdcm")
+    return (f"{path}: cannot decode DICOM transfer syntax '{name}' ({ts}): no installed decoder handles it. "
+            f"Install the permissively licensed decoders with `pip install \"medgcsam[dicom]\"` ({package}); "
+            f"do not use the GPL pylibjpeg-libjpeg plugin. pydicom said: {str(exc).splitlines()[0]}")
+
+
+def _dicom_display(arr: np.ndarray, ds) -> np.ndarray:
+    """Stored values -> displayed intensities in [0, 1], following PS3.3 C.11 order."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if photometric == "PALETTE COLOR":
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        rgb = apply_color_lut(arr, ds).astype(np.float32) / float(2**bits - 1)
+        return rgb.transpose(2, 0, 1)
+    if arr.ndim == 3:  # colour (YBR already converted to RGB by pydicom)
+        bits = int(ds.get("BitsStored", 8))
+        return (arr.astype(np.float32) / float(2**bits - 1)).transpose(2, 0, 1)
+    out = apply_modality_lut(arr, ds).astype(np.float64)
+    if "VOILUTSequence" in ds:
+        lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        out = apply_voi_lut(out, ds, prefer_lut=True) / float(2**lut_bits - 1)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        out = _window(out, _first(ds.WindowCenter), _first(ds.WindowWidth), str(ds.get("VOILUTFunction", "LINEAR")))
+    else:
+        out = _minmax(out)
+    if photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")).strip() == "INVERSE":
+        out = 1.0 - out
+    return np.clip(out, 0.0, 1.0).astype(np.float32)[None]
+
+
+def _first(value) -> float:
+    return float(value[0]) if hasattr(value, "__len__") and not isinstance(value, str) else float(value)
+
+
+def _window(x: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 window functions, mapped straight to [0, 1]."""
+    function = function.strip().upper()
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((x - center) / width + 0.5, 0.0, 1.0)
+    if width <= 1.0:
+        return (x > center - 0.5).astype(np.float64)
+    return np.clip((x - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)

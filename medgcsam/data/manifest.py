@@ -1,0 +1,152 @@
+"""The manifest: one plain CSV row per image, the single source of truth for what is trained on.
+
+Columns are documented in ``data_manifests/README.md``. Paths are relative to a root given at load
+time so a manifest moves with its data; ``fold`` is ``-1`` for rows outside cross-validation.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+MANIFEST_COLUMNS = ["path", "label", "source", "patient_id", "split", "fold", "sha256", "exclude_reason"]
+REQUIRED_COLUMNS = ["path", "label"]
+SPLITS = ("train", "val", "test")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message names the file, row or column and the fix."""
+
+
+def _decode(raw: bytes, path: Path, encoding: str | None) -> str:
+    if encoding is not None:
+        try:
+            return raw.decode(encoding)
+        except (UnicodeDecodeError, LookupError) as exc:
+            raise ManifestError(f"{path}: cannot be read as {encoding}: {exc}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        guess = _guess_encoding(raw)
+        raise ManifestError(
+            f"{path}: not UTF-8 (byte 0x{raw[exc.start]:02x} on line {line}); it decodes as {guess}: "
+            f"re-save it as UTF-8 or pass --encoding {guess}"
+        ) from None
+
+
+def _guess_encoding(raw: bytes) -> str:
+    """UTF-16 only with its BOM (Excel's "Unicode text"); else Windows-1252, which Excel writes on Windows."""
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "utf-16"
+    try:
+        raw.decode("cp1252")
+    except UnicodeDecodeError:
+        return "latin-1"
+    return "cp1252"
+
+
+def read_manifest(path: str | Path, *, encoding: str | None = None) -> pd.DataFrame:
+    """Read and check a manifest; missing optional columns get their empty defaults.
+
+    String columns come back as ``str`` (never NaN) and ``fold`` as ``int`` so callers can compare
+    without NA handling. Errors name the CSV line (header is line 1) and the fix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest {path} does not exist; build one with `medgcsam manifest build`")
+    text = _decode(path.read_bytes(), path, encoding)
+    try:
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise ManifestError(f"{path}: not a readable CSV ({exc}); it must be comma separated with a header "
+                            f"row") from None
+    header = [c.strip() for c in next(csv.reader(io.StringIO(text)), [])]
+    dup_cols = sorted({c for c in header if header.count(c) > 1})
+    if dup_cols:
+        raise ManifestError(f"{path}: column(s) {dup_cols} appear more than once in the header; keep one")
+    df.columns = header
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ManifestError(f"{path}: missing column(s) {missing}; the header must contain at least "
+                            f"{REQUIRED_COLUMNS} (found {list(df.columns)})")
+    return normalize_manifest(df, origin=str(path))
+
+
+def normalize_manifest(df: pd.DataFrame, *, origin: str = "manifest") -> pd.DataFrame:
+    """Fill defaults, coerce types and check cell values of an in-memory manifest."""
+    df = df.copy()
+    for col in MANIFEST_COLUMNS:
+        if col not in df.columns:
+            df[col] = -1 if col == "fold" else ""
+    for col in df.columns:
+        if col != "fold":
+            df[col] = df[col].fillna("").astype(str).str.strip()
+    for col in REQUIRED_COLUMNS:
+        empty = df.index[df[col] == ""]
+        if len(empty):
+            raise ManifestError(f"{origin}: empty {col!r} on line(s) {_lines(empty)}; every row needs a {col}")
+    bad_split = df.index[~df["split"].isin(("",) + SPLITS)]
+    if len(bad_split):
+        values = sorted(set(df.loc[bad_split, "split"]))
+        raise ManifestError(f"{origin}: unknown split value(s) {values} on line(s) {_lines(bad_split)}; "
+                            f"use one of {list(SPLITS)} or leave it empty")
+    fold = pd.to_numeric(df["fold"].replace("", -1), errors="coerce")
+    bad_fold = df.index[fold.isna() | (fold != fold.round())]
+    if len(bad_fold):
+        raise ManifestError(f"{origin}: non-integer fold on line(s) {_lines(bad_fold)}; use 0..k-1, or -1/empty "
+                            f"for rows outside cross-validation")
+    df["fold"] = fold.astype(int)
+    order = MANIFEST_COLUMNS + [c for c in df.columns if c not in MANIFEST_COLUMNS]
+    return df[order].reset_index(drop=True)
+
+
+def _lines(index: pd.Index, limit: int = 10) -> str:
+    lines = [str(i + 2) for i in index[:limit]]
+    more = f" and {len(index) - limit} more" if len(index) > limit else ""
+    return ", ".join(lines) + more
+
+
+def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write atomically (temp file + rename) so a crash never leaves half a manifest behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df = normalize_manifest(df, origin=str(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            df.to_csv(fh, index=False, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def manifest_sha256(path: str | Path) -> str:
+    """Hash of the manifest file's bytes; stored with every model to tie it to its data."""
+    return file_sha256(path)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_root(manifest_path: str | Path, root: str | Path | None) -> Path:
+    """Image paths are relative to ``root``; by default the manifest's own folder."""
+    return Path(root) if root is not None else Path(manifest_path).resolve().parent
+
+
+def included(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows without an exclusion reason."""
+    return df[df["exclude_reason"] == ""]

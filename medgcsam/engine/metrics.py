@@ -1,0 +1,110 @@
+"""Metrics kept on the device during an epoch (no host sync per step), and validation metrics.
+
+The training meter is a handful of 0-dim tensors and a preallocated gradient-norm trace; they are
+read once per epoch (or when the progress bar refreshes), never inside a step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import balanced_accuracy_score, precision_recall_fscore_support, roc_auc_score
+
+MONITOR_KEYS = {"val_loss": "val/loss", "val_accuracy": "val/accuracy",
+                "val_balanced_accuracy": "val/balanced_accuracy", "val_auroc": "val/auroc"}
+
+
+class TrainMeter:
+    """Running loss sum, correct count, sample count and the per-step (||g||, ||GC(g)||) trace of an epoch."""
+
+    def __init__(self, device: torch.device, max_steps: int) -> None:
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=device, dtype=torch.int64)
+        self.count = torch.zeros((), device=device, dtype=torch.int64)
+        self.trace = torch.full((max_steps, 2), float("nan"), device=device)
+        self.trace_steps: list[int] = []
+        self.images_per_s = float("nan")
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        n = labels.shape[0]
+        self.loss_sum += loss.detach().double() * n
+        self.correct += (logits.detach().argmax(1) == labels).sum()
+        self.count += n
+
+    def record_grad_norms(self, global_step: int, stats: dict[str, torch.Tensor], *, centralized: bool) -> None:
+        """Copy the optimizer's 0-dim norm tensors into the trace (device to device, no sync).
+
+        ``centralized``: the step applied gradient centralization, so ``grad_norm_gc`` is this step's value
+        (otherwise the column stays NaN: plain optimizers and warm-start epochs have no GC norm).
+        """
+        row = len(self.trace_steps)
+        if "grad_norm" not in stats or row >= self.trace.shape[0]:
+            return
+        self.trace[row, 0].copy_(stats["grad_norm"])
+        if centralized and "grad_norm_gc" in stats:
+            self.trace[row, 1].copy_(stats["grad_norm_gc"])
+        self.trace_steps.append(global_step)
+
+    def summary(self) -> dict[str, float]:
+        """Host values (one sync); NaN when nothing was seen."""
+        count = int(self.count)
+        if count == 0:
+            return {"loss": float("nan"), "accuracy": float("nan")}
+        return {"loss": float(self.loss_sum) / count, "accuracy": int(self.correct) / count}
+
+    def grad_norm_rows(self) -> list[tuple[int, float, float]]:
+        values = self.trace[: len(self.trace_steps)].cpu().tolist()
+        return [(s, a, b) for s, (a, b) in zip(self.trace_steps, values, strict=True)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "count": self.count.cpu(),
+                "trace": self.trace.cpu(), "trace_steps": list(self.trace_steps)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in ("loss_sum", "correct", "count", "trace"):
+            getattr(self, name).copy_(state[name])
+        self.trace_steps = list(state["trace_steps"])
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+                           prefix: str = "val") -> dict[str, float]:
+    """Loss, accuracy, balanced accuracy, macro AUROC and per-class precision/sensitivity/F1."""
+    num_classes = len(class_names)
+    logits_t = torch.from_numpy(logits).double()
+    labels_t = torch.from_numpy(labels).long()
+    probs = torch.softmax(logits_t, 1).numpy()
+    pred = probs.argmax(1)
+    out = {
+        f"{prefix}/loss": float(torch.nn.functional.cross_entropy(logits_t, labels_t)),
+        f"{prefix}/accuracy": float((pred == labels).mean()),
+        f"{prefix}/balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
+        f"{prefix}/auroc": _auroc(probs, labels, num_classes),
+    }
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, pred, labels=list(range(num_classes)), zero_division=0)
+    for i, name in enumerate(class_names):
+        out[f"{prefix}/precision/{name}"] = float(precision[i])
+        out[f"{prefix}/sensitivity/{name}"] = float(recall[i])
+        out[f"{prefix}/f1/{name}"] = float(f1[i])
+        out[f"{prefix}/support/{name}"] = float(support[i])
+    return out
+
+
+def _auroc(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
+    """Binary AUROC of the last class, or one-vs-rest macro; NaN when a class is missing from the split."""
+    if len(np.unique(labels)) < num_classes:
+        return float("nan")
+    if num_classes == 2:
+        return float(roc_auc_score(labels, probs[:, 1]))
+    return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+
+
+def is_improvement(value: float, best: float | None, monitor: str) -> bool:
+    if np.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value < best if monitor == "val_loss" else value > best

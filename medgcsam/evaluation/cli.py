@@ -1,0 +1,157 @@
+"""`medgcsam evaluate`: clinical evaluation of a registered, logged or checkpointed model.
+
+Results are logged to the run that produced the model when MLflow knows it (``runs:/``,
+``models:/name@alias``, ``models:/name/N``, ``models:/m-<id>``), else to a new run. The frozen
+threshold is stored with the model: a checkpoint's model card is rewritten in place; an MLflow
+model is logged again with the updated card (a new registered version when it came from the
+registry, with the alias moved to it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import typer
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from medgcsam.config import ConfigError, PipelineConfig, load_config
+from medgcsam.data.datasets import DataBundle, build_datasets
+from medgcsam.engine.checkpoint import load_checkpoint, save_checkpoint
+from medgcsam.engine.distributed import resolve_device
+from medgcsam.evaluation.evaluate import evaluate, log_evaluation
+from medgcsam.inference.package import ModelLoadError, load_classifier, log_classifier
+from medgcsam.models.spec import ModelSpec
+from medgcsam.tracking import TrackingError, activate, ensure_experiment, ensure_reachable, resolve_tracking_uri
+
+EXIT_USAGE = 2
+
+
+@dataclass
+class LoadedModel:
+    """A model, its card, the pipeline and where in MLflow it came from."""
+
+    ref: str
+    model: nn.Module
+    spec: ModelSpec
+    cfg: PipelineConfig
+    run_id: str | None
+    registered: tuple[str, str | None] | None  # (registered name, alias or None)
+    device: str
+
+
+def _registry_origin(ref: str) -> tuple[str | None, tuple[str, str | None] | None]:
+    """The source run of a model URI and, for registry URIs, (name, alias)."""
+    client = MlflowClient()
+    if ref.startswith("runs:/"):
+        return ref.removeprefix("runs:/").split("/", 1)[0], None
+    if not ref.startswith("models:/"):
+        return None, None
+    body = ref.removeprefix("models:/")
+    if body.startswith("m-"):
+        return mlflow.get_logged_model(body.split("/", 1)[0]).source_run_id, None
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        return client.get_model_version_by_alias(name, alias).run_id, (name, alias)
+    name, version = body.rsplit("/", 1)
+    return client.get_model_version(name, version).run_id, (name, None)
+
+
+def load_for_cli(model_ref: str, pipeline: Path, overrides: list[str], tracking_uri: str | None) -> LoadedModel:
+    """Config, tracking store, model and its MLflow origin; every failure becomes a one-line usage error."""
+    try:
+        cfg = load_config(pipeline, overrides)
+        uri = resolve_tracking_uri(cfg, tracking_uri)
+        ensure_reachable(uri, cfg.tracking.connect_timeout_s)
+        activate(uri)
+        device = str(resolve_device(cfg.train.device))
+        model, spec = load_classifier(model_ref, device=device)
+        run_id, registered = _registry_origin(model_ref)
+    except (ConfigError, TrackingError, ModelLoadError, RuntimeError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    return LoadedModel(model_ref, model, spec, cfg, run_id, registered, device)
+
+
+@contextlib.contextmanager
+def model_run(loaded: LoadedModel, run_name: str) -> Iterator[str]:
+    """The model's own run (resumed) or a new run in the pipeline's experiment."""
+    if loaded.run_id is not None:
+        with mlflow.start_run(run_id=loaded.run_id) as run:
+            yield run.info.run_id
+        return
+    experiment_id = ensure_experiment(loaded.cfg, mlflow.get_tracking_uri())
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                          tags={"medgcsam.model_ref": loaded.ref}) as run:
+        yield run.info.run_id
+
+
+def bundle_for(loaded: LoadedModel) -> DataBundle:
+    """The manifest's datasets, preprocessed as the model card says; classes must match the model's."""
+    try:
+        bundle = build_datasets(loaded.cfg.data, loaded.spec.preprocessing)
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    if list(bundle.class_names) != list(loaded.spec.class_names):
+        typer.echo(f"error: the pipeline's classes {bundle.class_names} differ from the model's "
+                   f"{loaded.spec.class_names}; set data.classes / data.task to the model's classes", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    return bundle
+
+
+def _store_threshold(loaded: LoadedModel, spec: ModelSpec) -> str:
+    """Write the frozen threshold into the model card where the model lives; returns where."""
+    path = Path(loaded.ref)
+    if path.is_file():
+        ckpt = load_checkpoint(path)
+        ckpt["spec"] = spec.model_dump(mode="json")
+        save_checkpoint(path, ckpt)
+        return str(path)
+    name, alias = loaded.registered if loaded.registered else (None, None)
+    info = log_classifier(loaded.model, spec, registered_model_name=name, alias=alias)
+    return info.model_uri + (f" (registered {name} v{info.registered_model_version})" if name else "")
+
+
+def evaluate_command(
+    model: str = typer.Option(..., "--model", "-m", help="models:/name@alias, models:/name/3, runs:/<id>/model, "
+                              "or a checkpoint .pt file"),
+    pipeline: Path = typer.Option(..., "--pipeline", "-p", help="Pipeline YAML (data, evaluation, tracking)"),
+    split: list[str] = typer.Option(None, "--split", help="Split(s) to report besides val (default: "
+                                    "evaluation.splits)"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Folder for JSON/Markdown/PNGs "
+                                       "(default: <output_dir>/evaluation)"),
+    overrides: list[str] = typer.Option(None, "--set", help="Override a config field, e.g. evaluation.bootstrap=2000"),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri"),
+    store_threshold: bool = typer.Option(True, "--store-threshold/--no-store-threshold",
+                                         help="Write the chosen threshold into the model card"),
+) -> None:
+    """Per-class sensitivity/specificity/PPV/NPV with 95% CIs, AUROC, calibration, frozen operating point."""
+    loaded = load_for_cli(model, pipeline, overrides or [], tracking_uri)
+    cfg_eval = loaded.cfg.evaluation
+    if split:
+        cfg_eval = cfg_eval.model_copy(update={"splits": list(split)})
+    out_dir = output or Path(loaded.cfg.output_dir) / "evaluation"
+    bundle = bundle_for(loaded)
+    try:
+        result = evaluate(loaded.model, bundle, loaded.spec, cfg_eval, loaded.device, out_dir,
+                          batch_size=loaded.cfg.data.eval_batch_size or loaded.cfg.data.batch_size,
+                          seed=loaded.cfg.train.seed)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    with model_run(loaded, "evaluate") as run_id:
+        log_evaluation(result)
+        where = _store_threshold(loaded, result.spec) if store_threshold and result.threshold else None
+    for name, fig in result.figures["splits"].items():
+        h = fig["headline"]
+        typer.echo(f"{name}: n={fig['n_images']} accuracy={h['accuracy']:.4f} balanced_accuracy="
+                   f"{h['balanced_accuracy']:.4f} auroc_macro={h['auroc_macro']:.4f} ece={h['ece']:.4f}")
+    if result.threshold is not None:
+        typer.echo(f"operating point: p({result.threshold.positive_class}) >= {result.threshold.value:.4f} "
+                   f"({result.threshold.rule})" + (f"; stored in {where}" if where else ""))
+    typer.echo(f"report: {out_dir / 'report.md'}; MLflow run {run_id}")

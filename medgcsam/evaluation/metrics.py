@@ -1,0 +1,209 @@
+"""Clinical metrics on fixed predictions: counts beside every ratio, discrimination, calibration.
+
+Everything here is a pure NumPy function of (labels, probabilities) so it can be checked against
+scikit-learn and reused inside the bootstrap without re-running the model. Undefined ratios
+(0/0) are NaN, never 0: a class with no positives has no sensitivity, and saying 0 would lie.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import rankdata
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num) / float(den) if den > 0 else float("nan")
+
+
+def confusion(y: np.ndarray, yhat: np.ndarray, num_classes: int) -> np.ndarray:
+    """K x K counts, rows = truth, columns = prediction."""
+    return np.bincount(y * num_classes + yhat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def row_normalise(cm: np.ndarray) -> np.ndarray:
+    """Rows sum to 1 (per-class recall on the diagonal); empty rows stay NaN."""
+    rows = cm.sum(axis=1, keepdims=True).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(rows > 0, cm / np.where(rows > 0, rows, 1), np.nan)
+
+
+def binary_counts(pred_pos: np.ndarray, true_pos: np.ndarray) -> dict[str, float]:
+    """TP/FN/FP/TN and the four clinical ratios plus F1 for one yes/no decision."""
+    pred_pos, true_pos = np.asarray(pred_pos, bool), np.asarray(true_pos, bool)
+    tp = int(np.sum(pred_pos & true_pos))
+    fn = int(np.sum(~pred_pos & true_pos))
+    fp = int(np.sum(pred_pos & ~true_pos))
+    tn = int(np.sum(~pred_pos & ~true_pos))
+    return _ratios_from_counts(tp, fn, fp, tn)
+
+
+def _ratios_from_counts(tp: int, fn: int, fp: int, tn: int) -> dict[str, float]:
+    return {
+        "tp": tp, "fn": fn, "fp": fp, "tn": tn,
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "ppv": _ratio(tp, tp + fp),
+        "npv": _ratio(tn, tn + fn),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+    }
+
+
+def per_class(cm: np.ndarray, class_names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """One-vs-rest counts and ratios for every class from the confusion matrix."""
+    total = int(cm.sum())
+    out = {}
+    for k, name in enumerate(class_names):
+        tp = int(cm[k, k])
+        fn = int(cm[k].sum()) - tp
+        fp = int(cm[:, k].sum()) - tp
+        out[name] = _ratios_from_counts(tp, fn, fp, total - tp - fn - fp)
+    return out
+
+
+def auroc(y_bin: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve as the Mann-Whitney statistic (ties count one half); NaN with one class."""
+    y_bin = np.asarray(y_bin, bool)
+    n_pos, n_neg = int(y_bin.sum()), int((~y_bin).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(score)
+    return float((ranks[y_bin].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def average_precision(y_bin: np.ndarray, score: np.ndarray) -> float:
+    """PR-AUC as step-wise average precision (scikit-learn's definition); NaN without positives."""
+    y_bin = np.asarray(y_bin, bool)
+    n_pos = int(y_bin.sum())
+    if n_pos == 0:
+        return float("nan")
+    order = np.argsort(-np.asarray(score), kind="mergesort")
+    s, yb = np.asarray(score)[order], y_bin[order]
+    last_of_tie = np.r_[np.diff(s) != 0, True]
+    tp = np.cumsum(yb)[last_of_tie]
+    seen = np.flatnonzero(last_of_tie) + 1
+    precision, recall = tp / seen, tp / n_pos
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE with equal-width confidence bins (Guo et al. 2017): sum_b |acc_b - conf_b| n_b/N."""
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y
+    # bins (lo, hi]; confidence 0 cannot occur for a softmax, so the first bin is closed in practice
+    idx = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    gap = np.abs(np.bincount(idx, weights=correct, minlength=n_bins) - np.bincount(idx, weights=conf, minlength=n_bins))
+    return float(gap.sum() / len(y))
+
+
+def reliability_bins(probs: np.ndarray, y: np.ndarray, n_bins: int = 15) -> dict[str, list[float]]:
+    """Per-bin mean confidence, accuracy and count for the reliability diagram."""
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y
+    idx = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    n = np.bincount(idx, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = np.bincount(idx, weights=correct, minlength=n_bins) / n
+        mean_conf = np.bincount(idx, weights=conf, minlength=n_bins) / n
+    return {"edges": np.linspace(0, 1, n_bins + 1).tolist(), "confidence": mean_conf.tolist(),
+            "accuracy": acc.tolist(), "count": n.tolist()}
+
+
+def brier(probs: np.ndarray, y: np.ndarray) -> float:
+    """Multiclass Brier score: mean over images of sum_k (p_k - [y = k])^2 (range 0..2)."""
+    onehot = np.eye(probs.shape[1])[y]
+    return float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
+
+
+def nll(probs: np.ndarray, y: np.ndarray, eps: float = 1e-12) -> float:
+    """Mean negative log-likelihood of the true class."""
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], eps, None))))
+
+
+def headline(probs: np.ndarray, y: np.ndarray, class_names: Sequence[str], n_bins: int = 15,
+             threshold: tuple[int, float] | None = None) -> dict[str, float]:
+    """Flat dict of every scalar figure of one split (the bootstrap's statistic).
+
+    ``threshold`` = (positive class index, value) adds the frozen operating point's ratios.
+    """
+    k = len(class_names)
+    cm = confusion(y, probs.argmax(axis=1), k)
+    out: dict[str, float] = {"accuracy": _ratio(np.trace(cm), cm.sum())}
+    pc = per_class(cm, class_names)
+    out["balanced_accuracy"] = float(np.nanmean([pc[c]["sensitivity"] for c in class_names]))
+    for c in class_names:
+        for key in ("sensitivity", "specificity", "ppv", "npv", "f1"):
+            out[f"{key}/{c}"] = pc[c][key]
+    aurocs = [auroc(y == i, probs[:, i]) for i in range(k)]
+    aps = [average_precision(y == i, probs[:, i]) for i in range(k)]
+    for i, c in enumerate(class_names):
+        out[f"auroc/{c}"] = aurocs[i]
+        out[f"pr_auc/{c}"] = aps[i]
+    # binary tasks: both one-vs-rest AUROCs are the same number, macro = that number
+    out["auroc_macro"] = _nanmean_or_nan(aurocs)
+    out["pr_auc_macro"] = _nanmean_or_nan(aps)
+    out["ece"] = expected_calibration_error(probs, y, n_bins)
+    out["brier"] = brier(probs, y)
+    out["nll"] = nll(probs, y)
+    if threshold is not None:
+        pos, value = threshold
+        op = binary_counts(probs[:, pos] >= value, y == pos)
+        for key in ("sensitivity", "specificity", "ppv", "npv", "f1"):
+            out[f"op/{key}"] = op[key]
+    return out
+
+
+def _nanmean_or_nan(values: list[float]) -> float:
+    arr = np.asarray(values, float)
+    return float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
+
+
+@dataclass(frozen=True)
+class Interval:
+    low: float
+    high: float
+    n_valid: int
+
+
+def bootstrap_ci(
+    statistic: Callable[[np.ndarray], dict[str, float]],
+    n: int,
+    *,
+    groups: np.ndarray | None = None,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Interval]:
+    """Percentile bootstrap intervals for every key of ``statistic(indices)``.
+
+    With ``groups`` (patient ids) whole groups are drawn with replacement (cluster bootstrap), so
+    images of one patient never count as independent evidence. Resamples where a figure is
+    undefined (NaN, e.g. AUROC without positives) are skipped for that figure; ``n_valid`` says how
+    many were used.
+    """
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        members = [np.array([i]) for i in range(n)]
+    else:
+        _, inverse = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        members = np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1)
+    draws: dict[str, list[float]] = {}
+    for _ in range(n_resamples):
+        pick = rng.integers(0, len(members), len(members))
+        idx = np.concatenate([members[g] for g in pick]) if groups is not None else pick
+        for key, value in statistic(idx).items():
+            draws.setdefault(key, []).append(value)
+    alpha = (1.0 - confidence) / 2
+    out = {}
+    for key, values in draws.items():
+        arr = np.asarray(values, float)
+        arr = arr[np.isfinite(arr)]
+        if len(arr) == 0:
+            out[key] = Interval(float("nan"), float("nan"), 0)
+        else:
+            lo, hi = np.quantile(arr, [alpha, 1 - alpha])
+            out[key] = Interval(float(lo), float(hi), len(arr))
+    return out

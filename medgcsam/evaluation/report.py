@@ -1,0 +1,82 @@
+"""The human-readable evaluation report (Markdown): every ratio with its counts and 95% CI."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _with_ci(fig: dict[str, Any], key: str) -> str:
+    ci = fig["ci95"].get(key)
+    text = _num(fig["headline"].get(key))
+    if ci and ci["n_valid"]:
+        text += f" ({_num(ci['low'])}-{_num(ci['high'])})"
+    return text
+
+
+def _split_section(name: str, fig: dict[str, Any], classes: list[str], threshold: dict[str, Any] | None) -> list[str]:
+    boot = fig["bootstrap"]
+    lines = [f"## Split `{name}`", "",
+             f"{fig['n_images']} images" + (f", {fig['n_patients']} patients" if fig["n_patients"] else "")
+             + "; class counts " + ", ".join(f"{c}: {n}" for c, n in fig["class_counts"].items())
+             + f". 95% CIs: percentile bootstrap, {boot['resamples']} resamples of {boot['unit']}s.", "",
+             "| figure | value (95% CI) |", "|---|---|"]
+    for key in ("accuracy", "balanced_accuracy", "auroc_macro", "pr_auc_macro", "ece", "brier", "nll"):
+        lines.append(f"| {key} | {_with_ci(fig, key)} |")
+    cal = fig["calibration"]
+    lines += [f"| ece after temperature scaling | {_num(cal['ece_calibrated'])} |", "",
+              "### Per class (one-vs-rest, argmax decisions)", "",
+              "| class | TP | FN | FP | TN | sensitivity | specificity | PPV | NPV | F1 | AUROC | PR-AUC |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in classes:
+        pc = fig["per_class"][c]
+        cells = [_with_ci(fig, f"{k}/{c}") for k in ("sensitivity", "specificity", "ppv", "npv", "f1", "auroc",
+                                                     "pr_auc")]
+        lines.append(f"| {c} | {pc['tp']} | {pc['fn']} | {pc['fp']} | {pc['tn']} | " + " | ".join(cells) + " |")
+    if threshold is not None and "operating_point" in fig:
+        op = fig["operating_point"]
+        lines += ["", f"### Operating point: p({threshold['positive_class']}) >= {threshold['value']:.4f} "
+                  f"({threshold['rule']}, chosen on validation)", "",
+                  "| TP | FN | FP | TN | sensitivity | specificity | PPV | NPV | F1 |", "|---" * 9 + "|",
+                  f"| {op['tp']} | {op['fn']} | {op['fp']} | {op['tn']} | "
+                  + " | ".join(_with_ci(fig, f"op/{k}") for k in ("sensitivity", "specificity", "ppv", "npv", "f1"))
+                  + " |"]
+    lines += ["", "### Confusion matrix (rows = truth)", "", "| | " + " | ".join(classes) + " |",
+              "|---" * (len(classes) + 1) + "|"]
+    for c, counts, norm in zip(classes, fig["confusion"]["counts"], fig["confusion"]["row_normalised"], strict=True):
+        lines.append(f"| {c} | " + " | ".join(f"{n} ({_num(r, 2)})" for n, r in zip(counts, norm, strict=True)) + " |")
+    if fig.get("by_source"):
+        lines += ["", "### By data source", "", "| source | images | accuracy | balanced accuracy | AUROC macro"
+                  + (" | op sensitivity (TP/P) | op specificity (TN/N) |" if threshold else " |"),
+                  "|---" * (6 if threshold else 4) + "|"]
+        for source, s in fig["by_source"].items():
+            row = f"| {source} | {s['n_images']} | {_num(s['accuracy'])} | {_num(s['balanced_accuracy'])} | " \
+                  f"{_num(s['auroc_macro'])} |"
+            if "operating_point" in s:
+                o = s["operating_point"]
+                row += f" {_num(o['sensitivity'])} ({o['tp']}/{o['tp'] + o['fn']}) | " \
+                       f"{_num(o['specificity'])} ({o['tn']}/{o['tn'] + o['fp']}) |"
+            lines.append(row)
+    lines += ["", f"Figures: `confusion_{name}.png`, `roc_{name}.png`, `pr_{name}.png`, `reliability_{name}.png`; "
+              f"per-image predictions: `predictions_{name}.csv`.", ""]
+    return lines
+
+
+def write_report(figures: dict[str, Any], path: Path) -> Path:
+    """Render ``figures`` (the evaluation JSON) as Markdown at ``path``."""
+    model, thr = figures["model"], figures["threshold"]
+    lines = ["# Evaluation report", "",
+             f"Model `{model['backbone']}`, classes {', '.join(model['classes'])}; manifest sha256 "
+             f"`{model['manifest_sha256'] or 'n/a'}`, config sha256 `{model['config_sha256'] or 'n/a'}`.", "",
+             f"Temperature (fitted on validation): {figures['temperature']:.4f}.",
+             (f"Operating point: p({thr['positive_class']}) >= {thr['value']:.4f}, rule {thr['rule']}, chosen on "
+              "validation and frozen." if thr else f"Operating point: {figures['threshold_note']}."), ""]
+    for name, fig in figures["splits"].items():
+        lines += _split_section(name, fig, model["classes"], thr)
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

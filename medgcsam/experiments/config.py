@@ -1,0 +1,220 @@
+"""The experiment file: a base pipeline plus the grid, the presets, the selection protocol and the report.
+
+An experiment YAML names a base pipeline (a path relative to the experiment file, or an inline
+mapping), the methods to compare, extra grid axes as dotted keys, and the seeds. Everything is
+validated here, and every cell's pipeline is built and validated, before any training starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medgcsam.config import ConfigError, PipelineConfig, apply_overrides
+
+from .presets import PRESETS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Axis(_Strict):
+    """One grid axis; ``methods`` restricts it to some methods (a rho axis means nothing to Adam)."""
+
+    values: list[Any] = Field(min_length=1)
+    methods: list[str] | None = None
+
+
+class Method(_Strict):
+    """A compared method: the optimizer preset it starts from plus its own overrides."""
+
+    preset: str | None = Field(None, description="Key of PRESETS; default: optimizer.name or the method label")
+    set: dict[str, Any] = Field(default_factory=dict, description="Dotted overrides on top of the preset")
+
+
+class SelectionConfig(_Strict):
+    """Stratified k-fold CV inside the training partition, then one final fit per chosen candidate.
+
+    Candidates per method are lists of dotted overrides. A CV cell's score is ``metric`` at the
+    epoch the engine kept (its best epoch on the validation fold). The final fit is evaluated once
+    on test. ``final_val_fold``: the engine's evaluation fits the temperature and operating point
+    on a validation split, so by default the final fit keeps fold 0 as validation (trains on
+    (k-1)/k of the training partition); null trains on all of it (the paper's wording), which
+    gives test metrics only if the engine can evaluate without a validation split.
+    """
+
+    folds: int = Field(5, ge=2)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    metric: str = "val/balanced_accuracy"
+    mode: Literal["max", "min"] = "max"
+    candidates: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
+    final_epochs: int | None = Field(None, ge=1)
+    final_val_fold: int | None = Field(0, ge=0)
+
+
+class ReportConfig(_Strict):
+    """Which MLflow metrics of a cell the report aggregates, and which methods are the paired baselines."""
+
+    metrics: dict[str, str] = Field(
+        default_factory=lambda: {
+            "test accuracy": "test/accuracy",
+            "test balanced accuracy": "test/balanced_accuracy",
+            "test AUROC": "test/auroc_macro",
+            "test ECE": "test/ece",
+            "top Hessian eigenvalue": "hessian_top_eig",
+        },
+        description="Label -> MLflow metric key (last value of the cell's run)",
+    )
+    primary: str = Field("test accuracy", description="Label used for paired comparisons and the rho curve")
+    baselines: list[str] = Field(default_factory=lambda: ["sam", "adam"])
+    time_reference: str = Field("adam", description="Method whose time per epoch is 1.0")
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    grad_norm_key: str = Field("train/grad_norm", description="Per-step gradient-norm metric of a cell")
+    predictions_artifact: str | None = Field(
+        "evaluation/predictions_test.csv", description="Per-image test predictions (path|row, label, predicted)")
+    landscape_points: int = Field(0, ge=0, description="1-D loss-landscape points per final cell (0: none)")
+    landscape_artifact: str = "landscape/landscape_1d.npz"
+
+    @model_validator(mode="after")
+    def _primary_known(self) -> ReportConfig:
+        if self.primary not in self.metrics:
+            raise ValueError(f"report.primary {self.primary!r} is not a label of report.metrics {list(self.metrics)}")
+        return self
+
+
+class ExperimentConfig(_Strict):
+    """A whole experiment; ``cells()`` in :mod:`medgcsam.experiments.grid` expands it."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    base: Path | None = Field(None, description="Base pipeline YAML, relative to the experiment file")
+    pipeline: dict[str, Any] | None = Field(None, description="Inline base pipeline (instead of base)")
+    overrides: list[str] = Field(default_factory=list, description="Dotted overrides applied to every cell")
+    methods: dict[str, Method]
+    grid: dict[str, Axis] = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    selection: SelectionConfig | None = None
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    output_dir: Path | None = Field(None, description="Default: <base output_dir>/experiments/<name>")
+    tracking_uri: str | None = Field(None, description="Default: the base pipeline's tracking.uri")
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _methods_from_list(cls, v: Any) -> Any:
+        """``methods: [adam, sam]`` is shorthand for presets of the same names."""
+        if isinstance(v, list):
+            return {str(name): {} for name in v}
+        if isinstance(v, dict):
+            return {k: ({} if spec is None else spec) for k, spec in v.items()}
+        return v
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _axes_from_lists(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: ({"values": a} if isinstance(a, list) else a) for k, a in v.items()}
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds {v} repeat a value; each seed must appear once")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentConfig:
+        if (self.base is None) == (self.pipeline is None):
+            raise ValueError("give exactly one of 'base' (a pipeline YAML path) or 'pipeline' (inline mapping)")
+        if not self.methods:
+            raise ValueError("methods is empty; list at least one method, e.g. methods: [adam, sam, gcsam]")
+        for label in self.methods:
+            preset = self.preset_of(label)
+            if preset not in PRESETS:
+                raise ValueError(f"method {label!r}: no preset {preset!r}; known presets: {sorted(PRESETS)}")
+        for key, axis in self.grid.items():
+            if key in ("train.seed", "data.val_fold"):
+                raise ValueError(f"grid axis {key!r} is managed by the experiment; use 'seeds' / 'selection.folds'")
+            unknown = [m for m in axis.methods or [] if m not in self.methods]
+            if unknown:
+                raise ValueError(f"grid axis {key!r}: methods {unknown} are not in methods {list(self.methods)}")
+            if len({_canon(v) for v in axis.values}) != len(axis.values):
+                raise ValueError(f"grid axis {key!r} repeats a value: {axis.values}")
+        if self.selection is not None:
+            unknown = [m for m in self.selection.candidates if m not in self.methods]
+            if unknown:
+                raise ValueError(f"selection.candidates names methods {unknown} not in methods {list(self.methods)}")
+            if self.grid:
+                raise ValueError("selection and grid axes cannot be combined: put the swept values in "
+                                 "selection.candidates (the CV chooses among them)")
+        return self
+
+    def preset_of(self, label: str) -> str:
+        m = self.methods[label]
+        return m.preset or str(m.set.get("optimizer.name", label))
+
+
+def _canon(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip()
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> tuple[ExperimentConfig, dict[str, Any]]:
+    """Read and validate an experiment YAML; returns it with the raw base pipeline mapping (before overrides).
+
+    ``overrides`` (``a.b=v``) apply to the experiment file itself, e.g. ``seeds=[0]`` for a smoke run.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping (name, base, methods, grid, seeds, ...)")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        exp = ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{path}: invalid experiment"]
+        lines += [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("\n".join(lines)) from None
+    here = path.resolve().parent
+    if exp.base is not None:
+        base_path = exp.base if exp.base.is_absolute() else here / exp.base
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: base pipeline {base_path} does not exist; fix 'base:' (relative to {here})")
+        base_raw = yaml.safe_load(base_path.read_text(encoding="utf-8")) or {}
+        base_dir = base_path.parent
+    else:
+        base_raw, base_dir = dict(exp.pipeline or {}), here
+    _resolve_paths(base_raw, base_dir)
+    if exp.output_dir is not None and not exp.output_dir.is_absolute():
+        exp.output_dir = here / exp.output_dir
+    return exp, base_raw
+
+
+def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
+    """Make the base pipeline's relative data paths absolute, as load_config does for pipeline files."""
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for key in ("manifest", "root"):
+            if data.get(key) is not None and not Path(data[key]).is_absolute():
+                data[key] = str((base_dir / data[key]).resolve())
+
+
+def build_pipeline(base_raw: dict[str, Any], overrides: list[str], where: str) -> PipelineConfig:
+    """Validate one cell's pipeline; ``where`` names the cell in the error."""
+    import copy
+
+    raw = apply_overrides(copy.deepcopy(base_raw), overrides)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{where}: invalid pipeline after overrides {overrides}"]
+        lines += [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("\n".join(lines)) from None

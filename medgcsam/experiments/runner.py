@@ -1,0 +1,354 @@
+"""Resumable orchestration: one parent MLflow run per experiment, one nested child run per cell.
+
+A cell is finished when a child run of the parent has status FINISHED and the tag
+``medgcsam.cell_id``; the tag is written only after training returned, so a crash mid-cell leaves
+no tag and the cell is run again (resuming from its own checkpoints). Because the state lives in
+MLflow, cells can run here one by one, as worker processes (``workers``), or on other machines
+(``medgcsam experiment FILE --cell ID`` pointed at the same tracking server); running the
+experiment again without ``--cell`` collects the finished cells and writes the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from medgcsam.config import ConfigError, PipelineConfig
+from medgcsam.optim import check_hyperparameters
+from medgcsam.tracking.uri import ensure_experiment, ensure_reachable
+
+from .analysis import analyse_cell
+from .config import ExperimentConfig, build_pipeline, load_experiment
+from .grid import Cell, candidates, cv_cells, final_cells, grid_cells
+from .presets import PRESETS
+from .selection import CandidateResult, select, simplicity_key
+
+log = logging.getLogger(__name__)
+
+TAG_ROLE = "medgcsam.role"
+TAG_EXPERIMENT = "medgcsam.experiment"
+TAG_CELL = "medgcsam.cell_id"
+TAG_CELL_INFO = "medgcsam.cell"  # JSON: stage, method, settings, axes, seed, fold, candidate
+TIME_PER_EPOCH = "cell/time_per_epoch_s"
+TIME_TO_BEST = "cell/time_to_best_s"
+WALL_TIME = "cell/wall_time_s"
+BEST_EPOCH = "cell/best_epoch"
+
+
+class ExperimentError(RuntimeError):
+    """An experiment cannot go on; the message names the cell(s) and what to do."""
+
+
+@dataclass
+class RunSummary:
+    """What one invocation did."""
+
+    parent_run_id: str
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    pending: list[str] = field(default_factory=list)
+    chosen: dict[str, int] | None = None
+    report: Path | None = None
+
+
+class Experiment:
+    """An experiment file bound to its tracking store; every method is safe to call again (idempotent)."""
+
+    def __init__(self, path: str | Path, overrides: list[str] | None = None, *, tracking_uri: str | None = None):
+        self.path = Path(path).resolve()
+        self.overrides = list(overrides or [])
+        self.config, self.base_raw = load_experiment(self.path, self.overrides)
+        base = build_pipeline(self.base_raw, self.config.overrides, f"{self.path} (base pipeline + overrides)")
+        self.output_dir = (self.config.output_dir or Path(base.output_dir) / "experiments" / self.config.name).resolve()
+        self.tracking_uri = (tracking_uri or self.config.tracking_uri or base.tracking.uri
+                             or f"sqlite:///{self.output_dir / 'mlflow.db'}")
+        self._tracking_override = tracking_uri
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        self._base = base
+        self._parent: str | None = None
+
+    @property
+    def cfg(self) -> ExperimentConfig:
+        return self.config
+
+    # ---- cells -------------------------------------------------------------------------------
+    def pipeline(self, cell: Cell) -> PipelineConfig:
+        """The validated pipeline of one cell (base + experiment overrides + cell overrides + tracking),
+        including the optimizer's hyperparameters, so a typo fails before any cell trains."""
+        fixed = {
+            "output_dir": str(self.output_dir / "cells" / cell.id),
+            "tracking.uri": self.tracking_uri,
+            "tracking.experiment": self.config.name,
+            "tracking.run_name": cell.name,
+            "tracking.register_as": None,
+        }
+        overrides = [*self.config.overrides, *cell.overrides(), *(f"{k}={json.dumps(v)}" for k, v in fixed.items())]
+        where = f"{self.path} cell {cell.id} ({cell.name})"
+        cfg = build_pipeline(self.base_raw, overrides, where)
+        try:
+            check_hyperparameters(cfg.optimizer.name, cfg.optimizer.base, cfg.optimizer.hyperparameters)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        return cfg
+
+    def first_stage(self) -> list[Cell]:
+        return cv_cells(self.config) if self.config.selection is not None else grid_cells(self.config)
+
+    def validate(self) -> None:
+        """Build every first-stage cell's pipeline (and one final cell per candidate) so errors come before work."""
+        for cell in self.first_stage():
+            self.pipeline(cell)
+        if self.config.selection is not None:
+            for label in self.config.methods:
+                for ci in range(len(candidates(self.config, label))):
+                    self.pipeline(_single_final(self.config, label, ci))
+
+    # ---- tracking ----------------------------------------------------------------------------
+    def experiment_id(self) -> str:
+        ensure_reachable(self.tracking_uri, self._base.tracking.connect_timeout_s)
+        probe = self._base.model_copy(deep=True)
+        probe.output_dir = self.output_dir
+        probe.tracking.experiment = self.config.name
+        return ensure_experiment(probe, self.tracking_uri)
+
+    def parent_run_id(self, create: bool = True) -> str | None:
+        """The experiment's parent run (found by tags), created on first use."""
+        if self._parent is not None:
+            return self._parent
+        exp_id = self.experiment_id()
+        runs = self.client.search_runs(
+            [exp_id], f"tags.`{TAG_ROLE}` = 'parent' and tags.`{TAG_EXPERIMENT}` = '{self.config.name}'",
+            order_by=["attributes.start_time ASC"], max_results=1)
+        if runs:
+            self._parent = runs[0].info.run_id
+        elif create:
+            run = self.client.create_run(exp_id, run_name=self.config.name, tags={
+                TAG_ROLE: "parent", TAG_EXPERIMENT: self.config.name,
+                "mlflow.note.content": self.config.description or f"medgcsam experiment {self.config.name}"})
+            self._parent = run.info.run_id
+            self.client.log_text(self._parent, self.path.read_text(encoding="utf-8"), f"experiment/{self.path.name}")
+            self.client.log_dict(self._parent, self.config.model_dump(mode="json"), "experiment/resolved.json")
+        return self._parent
+
+    def finished_runs(self) -> dict[str, Run]:
+        """Cell id -> its FINISHED child run (the latest when a cell was run twice)."""
+        parent = self.parent_run_id(create=False)
+        if parent is None:
+            return {}
+        out: dict[str, Run] = {}
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id()],
+                f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'FINISHED'",
+                order_by=["attributes.start_time ASC"], max_results=1000, page_token=token)
+            for run in page:
+                cell_id = run.data.tags.get(TAG_CELL)
+                if cell_id:
+                    out[cell_id] = run
+            token = page.token
+            if not token:
+                return out
+
+    # ---- selection ---------------------------------------------------------------------------
+    def selection_table(self, finished: dict[str, Run]) -> dict[str, list[CandidateResult]] | None:
+        """CV results per method, or None while some CV cell is unfinished."""
+        sel = self.config.selection
+        if sel is None:
+            return None
+        cells = cv_cells(self.config)
+        if any(c.id not in finished for c in cells):
+            return None
+        table: dict[str, list[CandidateResult]] = {}
+        for label in self.config.methods:
+            preset = {**PRESETS[self.config.preset_of(label)], **self.config.methods[label].set}
+            results = []
+            for ci, settings in enumerate(candidates(self.config, label)):
+                mine = [c for c in cells if c.method == label and c.candidate == ci]
+                scores = [self.cv_score(c, finished[c.id]) for c in mine]
+                results.append(CandidateResult(ci, settings, scores, simplicity_key(settings, preset, ci)))
+            select(results, sel.mode)
+            table[label] = results
+        return table
+
+    def cv_score(self, cell: Cell, run: Run) -> float:
+        """The selection metric at the epoch the engine kept (its best on the validation fold)."""
+        key = self.config.selection.metric
+        history = {m.step: m.value for m in self.client.get_metric_history(run.info.run_id, key)}
+        if not history:
+            raise ExperimentError(f"CV cell {cell.id} ({cell.name}) logged no metric {key!r} (it has "
+                                  f"{sorted(run.data.metrics)[:15]}); set selection.metric to a validation metric")
+        best = int(run.data.metrics.get(BEST_EPOCH, max(history)))
+        return float(history.get(best, history[max(history)]))
+
+    @staticmethod
+    def chosen(table: dict[str, list[CandidateResult]]) -> dict[str, int]:
+        return {label: next(r.index for r in rows if r.chosen) for label, rows in table.items()}
+
+    def plan(self, finished: dict[str, Run] | None = None) -> list[Cell]:
+        """Every cell known now: the first stage, plus the final fits once the CV is complete."""
+        cells = self.first_stage()
+        if self.config.selection is not None:
+            table = self.selection_table(self.finished_runs() if finished is None else finished)
+            if table is not None:
+                cells = cells + final_cells(self.config, self.chosen(table))
+        return cells
+
+    # ---- running -----------------------------------------------------------------------------
+    def run_cell(self, cell: Cell) -> str:
+        """Train one cell as a child run of the parent, then tag it finished; returns the run id."""
+        from medgcsam.engine import train
+
+        parent = self.parent_run_id()
+        cfg = self.pipeline(cell)
+        cell_dir = Path(cfg.output_dir)
+        resume = cell_dir.is_dir() and any(cell_dir.rglob("*.pt"))
+        result = train(cfg, resume=resume, tracking_uri=self.tracking_uri, parent_run_id=parent)
+        times = list(result.epoch_times)
+        metrics = {WALL_TIME: float(result.wall_time), BEST_EPOCH: float(result.best_epoch)}
+        if times:
+            metrics[TIME_PER_EPOCH] = float(sorted(times)[len(times) // 2])  # median: robust to the caching epoch
+            metrics[TIME_TO_BEST] = float(sum(times[: result.best_epoch]))  # best_epoch is 1-based
+        if cell.stage != "cv" and result.model is not None:
+            analyse_cell(self.client, result.run_id, result.model, cfg,
+                         landscape_points=self.config.report.landscape_points)
+        self.record_cell(result.run_id, cell, metrics)
+        return result.run_id
+
+    def record_cell(self, run_id: str, cell: Cell, metrics: dict[str, float]) -> None:
+        """Mark a FINISHED child run of the parent as the result of ``cell`` (the cell-id tag goes last)."""
+        run = self.client.get_run(run_id)
+        parent = self.parent_run_id()
+        if run.data.tags.get("mlflow.parentRunId") != parent:
+            raise ExperimentError(f"cell {cell.id}: run {run_id} is not nested under the parent run {parent}")
+        if run.info.status != "FINISHED":
+            raise ExperimentError(f"cell {cell.id}: run {run_id} ended {run.info.status}, not FINISHED")
+        for k, v in metrics.items():
+            self.client.log_metric(run_id, k, v)
+        info = {"stage": cell.stage, "method": cell.method, "settings": cell.settings, "axes": cell.axes,
+                "seed": cell.seed, "fold": cell.fold, "candidate": cell.candidate}
+        self.client.set_tag(run_id, TAG_CELL_INFO, json.dumps(info, default=str))
+        self.client.set_tag(run_id, TAG_CELL, cell.id)
+
+    def _spawn(self, cell: Cell) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "medgcsam", "experiment", str(self.path), "--cell", cell.id]
+        for o in self.overrides:
+            cmd += ["--set", o]
+        if self._tracking_override:
+            cmd += ["--tracking-uri", self._tracking_override]
+        logs = self.output_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        out = open(logs / f"{cell.id}.log", "ab")  # noqa: SIM115 - closed with the process below
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc._medgcsam_log = out  # type: ignore[attr-defined]
+        return proc
+
+    def _run_cells(self, cells: list[Cell], workers: int, summary: RunSummary) -> None:
+        if workers <= 1:
+            for cell in cells:
+                log.info("cell %s (%s): training", cell.id, cell.name)
+                try:
+                    self.run_cell(cell)
+                    summary.ran.append(cell.id)
+                except (ConfigError, ExperimentError):
+                    raise
+                except Exception as exc:  # one failed cell must not lose the others; reported at the end
+                    log.exception("cell %s (%s) failed", cell.id, cell.name)
+                    summary.failed[cell.id] = f"{cell.name}: {type(exc).__name__}: {exc}"
+            return
+        queue, running = list(cells), {}
+        while queue or running:
+            while queue and len(running) < workers:
+                cell = queue.pop(0)
+                running[cell.id] = (cell, self._spawn(cell))
+            time.sleep(0.5)
+            for cid, (cell, proc) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                proc._medgcsam_log.close()  # type: ignore[attr-defined]
+                del running[cid]
+                if proc.returncode == 0:
+                    summary.ran.append(cid)
+                else:
+                    summary.failed[cid] = (f"{cell.name}: worker exit {proc.returncode}, "
+                                           f"see {self.output_dir / 'logs' / (cid + '.log')}")
+
+    def run(self, *, cells: list[str] | None = None, workers: int = 1, report: bool = True) -> RunSummary:
+        """Run what is unfinished (or only ``cells``, by id or plan index), then select and report.
+
+        With ``cells`` given, only those run and no report is written: the invocation is a worker.
+        """
+        self.validate()
+        summary = RunSummary(parent_run_id=self.parent_run_id() or "")
+        self.client.update_run(summary.parent_run_id, status="RUNNING")
+        finished = self.finished_runs()
+        if cells:
+            plan = self.plan(finished)
+            picked = [_pick(plan, key, self.config) for key in cells]
+            self._run_stage(picked, finished, workers, summary)
+            return summary
+        self._run_stage(self.first_stage(), finished, workers, summary)
+        finished = self.finished_runs()
+        table = self.selection_table(finished)
+        if table is not None:
+            summary.chosen = self.chosen(table)
+            self._log_selection(table)
+            self._run_stage(final_cells(self.config, summary.chosen), finished, workers, summary)
+            finished = self.finished_runs()
+        summary.pending = [c.id for c in self.plan(finished) if c.id not in finished]
+        if report:
+            from .report import write_report
+
+            summary.report = write_report(self, finished)
+        if not summary.pending and not summary.failed:
+            self.client.set_terminated(summary.parent_run_id, "FINISHED")
+        if summary.failed:
+            raise ExperimentError("cells failed (finished cells are kept; run the same command again to retry):\n  "
+                                  + "\n  ".join(f"{k}: {v}" for k, v in summary.failed.items()))
+        return summary
+
+    def _run_stage(self, cells: list[Cell], finished: dict[str, Run], workers: int, summary: RunSummary) -> None:
+        summary.skipped += [c.id for c in cells if c.id in finished]
+        self._run_cells([c for c in cells if c.id not in finished], workers, summary)
+
+    def _log_selection(self, table: dict[str, list[CandidateResult]]) -> None:
+        from .report import selection_markdown
+
+        text = selection_markdown(self.config, table)
+        out = self.output_dir / "report"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "selection.md").write_text(text, encoding="utf-8")
+        self.client.log_text(self.parent_run_id(), text, "report/selection.md")
+
+
+def _single_final(exp: ExperimentConfig, label: str, ci: int) -> Cell:
+    chosen = {**dict.fromkeys(exp.methods, 0), label: ci}
+    return next(c for c in final_cells(exp, chosen) if c.method == label)
+
+
+def _pick(plan: list[Cell], key: str, exp: ExperimentConfig) -> Cell:
+    for cell in plan:
+        if cell.id == key:
+            return cell
+    if key.isdigit() and int(key) < len(plan):
+        return plan[int(key)]
+    hint = " (final-stage cells exist only after every CV cell finished)" if exp.selection is not None else ""
+    raise ExperimentError(f"cell {key!r} is not in the plan of {exp.name} ({len(plan)} cells){hint}; "
+                          f"list them with `medgcsam experiment FILE --plan`")
+
+
+def describe(cell: Cell, finished: dict[str, Run]) -> dict[str, Any]:
+    """One row of the plan listing."""
+    run = finished.get(cell.id)
+    return {"id": cell.id, "name": cell.name, "status": "finished" if run else "pending",
+            "run_id": run.info.run_id if run else ""}

@@ -1,0 +1,52 @@
+"""`medgcsam predict`: batch inference from the registry, a run, or a checkpoint file.
+
+Exit codes: 0 every image predicted; 1 some files could not be read (listed in the errors file);
+2 usage or model error (nothing predicted); 130 interrupted (rerun with --resume).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from medgcsam.inference.package import ModelLoadError, load_classifier
+from medgcsam.inference.predict import EXIT_USAGE, PredictionError, predict
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def predict_command(
+    model: str = typer.Option(..., "--model", "-m", help="models:/name@alias, models:/name/3, runs:/<id>/model, "
+                              "or a checkpoint .pt file"),
+    input_dir: Path = typer.Option(..., "--input", "-i", help="Folder searched recursively for PNG/JPEG/DICOM"),
+    output: Path = typer.Option(..., "--output", "-o", help="Predictions CSV; errors go to <stem>.errors.csv"),
+    batch_size: int = typer.Option(32, min=1),
+    num_workers: int = typer.Option(2, min=0, help="DataLoader processes reading and preprocessing files"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N"),
+    amp: str = typer.Option("none", help="none or bf16 (autocast on the forward pass)"),
+    resume: bool = typer.Option(False, "--resume", help="Keep rows already in --output (or its .partial)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Predict every image in a folder; exit 0 all predicted, 1 some files failed, 2 usage/model error."""
+    try:
+        net, spec = load_classifier(model, device=_resolve_device(device))
+        summary = predict(net, spec, input_dir, output, batch_size=batch_size, num_workers=num_workers,
+                          device=_resolve_device(device), amp=amp, resume=resume, progress=progress)
+    except (ModelLoadError, PredictionError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted; rows so far are in {output}.partial: rerun with --resume", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(f"{summary.predicted} predicted, {summary.skipped} already done, {summary.failed} failed "
+               f"of {summary.found} files in {summary.seconds:.1f}s -> {summary.output}")
+    if summary.failed:
+        typer.echo(f"{summary.failed} files could not be read; reasons in {summary.errors}", err=True)
+    raise typer.Exit(summary.exit_code)

@@ -1,0 +1,142 @@
+"""Package a trained classifier so it can be served anywhere, and load it back without unpickling.
+
+A logged model carries three things: a ``torch.export`` (pt2) graph so MLflow's own pyfunc serving
+works, the plain state dict (``extra_files/state_dict.pt``) and the :class:`ModelSpec`
+(``extra_files/spec.json``, also in the MLmodel ``metadata``). :func:`load_classifier` never touches
+the pt2 graph: it rebuilds the timm model from the spec and loads the state dict with
+``weights_only=True``, so the result can move to any device, be fine-tuned, and nothing from the
+artifact store can execute code on the inference machine.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow.models import infer_signature
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from torch import nn
+
+from medgcsam.models.factory import create_model, load_state_dict_file
+from medgcsam.models.spec import ModelSpec
+
+STATE_DICT_FILE = "state_dict.pt"
+SPEC_FILE = "spec.json"
+EXTRA_FILES_DIR = "extra_files"  # where mlflow.pytorch copies ``extra_files`` inside the model
+METADATA_KEY = "medgcsam_spec"
+URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "file:/")
+
+
+class ModelLoadError(RuntimeError):
+    """A model reference that cannot be turned into a classifier; the message says which and why."""
+
+
+def log_classifier(
+    model: nn.Module,
+    spec: ModelSpec,
+    *,
+    name: str = "model",
+    registered_model_name: str | None = None,
+    alias: str | None = None,
+):
+    """Log ``model`` as an MLflow LoggedModel (pt2 + state dict + spec); register and alias it when asked.
+
+    The model is exported in eval mode on CPU with a batch-2 example so the batch dimension stays
+    dynamic in the pt2 graph (a batch of 1 would be specialized to a constant). Call inside an
+    active run so the model is linked to the run that trained it. Returns MLflow's ``ModelInfo``.
+    """
+    if alias is not None and registered_model_name is None:
+        raise ValueError(f"alias {alias!r} needs registered_model_name: an alias points at a registered version")
+    was_training = model.training
+    device = next(model.parameters()).device
+    cpu_model = model.to("cpu").eval()
+    pre = spec.preprocessing
+    example = torch.rand(2, spec.in_chans, pre.image_size, pre.image_size, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            logits = cpu_model(example)
+        signature = infer_signature(example.numpy(), logits.numpy())
+        with tempfile.TemporaryDirectory(prefix="medgcsam-log-") as tmp:
+            state_path, spec_path = Path(tmp) / STATE_DICT_FILE, Path(tmp) / SPEC_FILE
+            torch.save({k: v.detach().clone() for k, v in cpu_model.state_dict().items()}, state_path)
+            spec_path.write_text(spec.model_dump_json(indent=2), encoding="utf-8")
+            info = mlflow.pytorch.log_model(
+                cpu_model,
+                name=name,
+                serialization_format="pt2",
+                input_example=example.numpy(),
+                signature=signature,
+                metadata={METADATA_KEY: spec.model_dump(mode="json")},
+                extra_files=[str(state_path), str(spec_path)],
+                registered_model_name=registered_model_name,
+            )
+    finally:
+        model.to(device).train(was_training)
+    if alias is not None:
+        mlflow.MlflowClient().set_registered_model_alias(registered_model_name, alias, info.registered_model_version)
+    return info
+
+
+def load_classifier(uri_or_path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:
+    """Rebuild the classifier from a registry/run/logged-model URI, a model folder, or an engine checkpoint.
+
+    Accepted: ``models:/name@alias``, ``models:/name/3``, ``models:/m-<id>``, ``runs:/<run_id>/model``,
+    a local MLflow model folder (with ``MLmodel``), or a checkpoint ``.pt`` written by the engine
+    (a dict with ``"model"``: state dict and ``"spec"``: ModelSpec dict). Returns ``(model.eval(), spec)``.
+    """
+    ref = str(uri_or_path)
+    if ref.startswith(URI_SCHEMES):
+        with tempfile.TemporaryDirectory(prefix="medgcsam-load-") as tmp:
+            try:
+                local = get_artifact_repository(ref).download_artifacts(EXTRA_FILES_DIR, dst_path=tmp)
+            except Exception as exc:  # MLflow raises several types (MlflowException, OSError, KeyError)
+                raise ModelLoadError(f"cannot fetch {ref}/{EXTRA_FILES_DIR}: {exc}. Check the model name/alias, "
+                                     f"MLFLOW_TRACKING_URI, and that it was logged with log_classifier") from exc
+            spec, state = _read_model_dir(Path(local), ref)
+    else:
+        path = Path(ref)
+        if path.is_dir():
+            spec, state = _read_model_dir(path / EXTRA_FILES_DIR, ref)
+        elif path.is_file():
+            spec, state = _read_checkpoint(path)
+        else:
+            raise ModelLoadError(f"model {ref!r} is neither an existing file/folder nor a models:/ or runs:/ URI")
+    return build_classifier(spec, state, source=ref).to(device), spec
+
+
+def build_classifier(spec: ModelSpec, state_dict: dict[str, torch.Tensor], *, source: str = "") -> nn.Module:
+    """The timm model the spec describes, with ``state_dict`` loaded strictly, in eval mode."""
+    model = create_model(spec.backbone, spec.num_classes, in_chans=spec.in_chans,
+                         image_size=spec.preprocessing.image_size)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"{source}: weights do not fit backbone {spec.backbone!r} with "
+                             f"{spec.num_classes} classes: {exc}") from exc
+    return model.eval()
+
+
+def _read_model_dir(extra_dir: Path, source: str) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    spec_path, state_path = extra_dir / SPEC_FILE, extra_dir / STATE_DICT_FILE
+    for p in (spec_path, state_path):
+        if not p.is_file():
+            raise ModelLoadError(f"{source}: {EXTRA_FILES_DIR}/{p.name} missing; the model was not logged with "
+                                 f"medgcsam.inference.package.log_classifier")
+    spec = ModelSpec.model_validate(json.loads(spec_path.read_text(encoding="utf-8")))
+    return spec, load_state_dict_file(state_path)
+
+
+def _read_checkpoint(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types; all mean "not a safe checkpoint"
+        raise ModelLoadError(f"{path}: not a weights-only torch checkpoint ({exc}); pass a file written by "
+                             f"`medgcsam train` or a models:/ URI") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "spec" not in ckpt:
+        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ModelLoadError(f"{path}: checkpoint needs keys 'model' (state dict) and 'spec' (model card); "
+                             f"found {keys}")
+    return ModelSpec.model_validate(ckpt["spec"]), ckpt["model"]

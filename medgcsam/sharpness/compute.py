@@ -1,0 +1,125 @@
+"""Sharpness of a trained model in one call: top eigenvalues, trace, spectral density.
+
+The subset is fixed (seeded indices of an augmentation-free dataset), the model is in eval mode,
+the loss is the mean cross-entropy without weight decay, and the model's mode, parameters and
+buffers are restored afterwards. Returns plain floats so the engine can ``mlflow.log_metrics`` it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from medgcsam.config import SharpnessConfig
+from medgcsam.evaluation.predict import split_batch
+from medgcsam.sharpness.landscape import Landscape, loss_landscape_1d, loss_landscape_2d
+from medgcsam.sharpness.operator import Batch, HessianOperator, preserved_state
+from medgcsam.sharpness.plots import plot_density, plot_landscape
+from medgcsam.sharpness.spectrum import hutchinson_trace, lanczos_top_eigs, power_iteration, slq_density
+
+EIGEN_METHODS = {"lanczos": lanczos_top_eigs, "power": power_iteration}
+
+
+def fixed_batches(data: Dataset | Iterable, n_samples: int, batch_size: int, seed: int = 0) -> list[Batch]:
+    """A reproducible list of (x, y) batches.
+
+    A map-style dataset gives ``n_samples`` seeded indices (sorted, so the subset, not its order, is
+    what the seed fixes); any other iterable of batches is used as is. The dataset must be
+    augmentation-free (``ManifestDataset.without_augmentation()``), or H would be random.
+    """
+    if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+        return [split_batch(b) for b in data]
+    n = len(data)
+    if n == 0:
+        raise ValueError("the sharpness dataset is empty; check the train split of the manifest")
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(n, size=min(n_samples, n), replace=False))
+    batches = []
+    for start in range(0, len(idx), batch_size):
+        items = [split_batch(data[int(i)]) for i in idx[start:start + batch_size]]
+        batches.append((torch.stack([x for x, _ in items]), torch.stack([y.reshape(()) for _, y in items])))
+    return batches
+
+
+def compute_sharpness(model: nn.Module, data: Dataset | Iterable, cfg: SharpnessConfig,
+                      device: torch.device | str = "cpu", out_dir: str | Path | None = None) -> dict[str, float]:
+    """Metrics ``hessian_top_eig`` (and ``_2``.. for top_k), residual, ``hessian_min_eig`` (Lanczos),
+    ``hessian_trace`` +- ``hessian_trace_se``, ``hessian_esd_{median,mean,std}``, ``hessian_hvp_count``,
+    ``hessian_wall_s``. With ``out_dir``: ``sharpness.json``, ``esd.npz`` and ``esd_density.png``."""
+    start = time.perf_counter()
+    batches = fixed_batches(data, cfg.n_samples, cfg.batch_size, cfg.seed)
+    model.to(device)
+    with preserved_state(model):
+        op = HessianOperator(model, batches, F.cross_entropy, device=device)
+        common = {"seed": cfg.seed, "dtype": op.dtype, "device": op.device}
+        if cfg.method == "lanczos":
+            eig = lanczos_top_eigs(op, op.dim, cfg.top_k, max_steps=cfg.lanczos_steps, tol=cfg.tol, **common)
+        else:
+            eig = power_iteration(op, op.dim, cfg.top_k, max_iter=cfg.lanczos_steps, tol=cfg.tol, **common)
+        trace = hutchinson_trace(op, op.dim, cfg.trace_probes, **common)
+        density = slq_density(op, op.dim, cfg.density_steps, cfg.density_probes, **common)
+    metrics: dict[str, float] = {"hessian_top_eig": eig.values[0], "hessian_top_eig_residual": eig.residuals[0]}
+    for i, value in enumerate(eig.values[1:], start=2):
+        metrics[f"hessian_top_eig_{i}"] = value
+    if eig.min_value is not None:
+        metrics["hessian_min_eig"] = eig.min_value
+    metrics.update({
+        "hessian_top_eig_converged": float(eig.converged),
+        "hessian_trace": trace.mean, "hessian_trace_se": trace.std_err,
+        "hessian_esd_median": density.median, "hessian_esd_mean": density.mean, "hessian_esd_std": density.std,
+        "hessian_n_params": float(op.dim), "hessian_n_samples": float(op.total),
+        "hessian_hvp_count": float(op.hvp_count), "hessian_wall_s": time.perf_counter() - start,
+    })
+    if out_dir is not None:
+        _write_sharpness(Path(out_dir), metrics, cfg, density, eig.values, eig.residuals)
+    return metrics
+
+
+def _write_sharpness(out: Path, metrics: dict[str, float], cfg: SharpnessConfig, density: Any,
+                     values: Sequence[float], residuals: Sequence[float]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"metrics": metrics, "settings": cfg.model_dump(), "top_eigenvalues": list(values),
+              "residuals": list(residuals), "precision": {"dtype": "float32", "tf32": False, "sdpa": "math"},
+              "operator": "mean cross-entropy, eval mode, no weight decay, all trainable parameters"}
+    (out / "sharpness.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    grid, curve = density.curve()
+    np.savez(out / "esd.npz", nodes=np.concatenate(density.nodes), weights=np.concatenate(density.weights),
+             run=np.concatenate([np.full(len(t), i) for i, t in enumerate(density.nodes)]), grid=grid, density=curve)
+    plot_density(density, out / "esd_density.png")
+
+
+def compute_landscape(model: nn.Module, data: Dataset | Iterable, out_dir: str | Path, *, n_samples: int = 256,
+                      batch_size: int = 64, points: int = 21, span: float = 1.0, two_d: bool = True, seed: int = 0,
+                      device: torch.device | str = "cpu") -> list[Landscape]:
+    """1-D (and 2-D) filter-normalized surfaces around the current weights; arrays and PNGs to ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    batches = fixed_batches(data, n_samples, batch_size, seed)
+    model.to(device)
+    grid = np.linspace(-span, span, points)
+    results = [loss_landscape_1d(model, batches, alphas=grid, seed=seed)]
+    if two_d:
+        results.append(loss_landscape_2d(model, batches, alphas=grid, seed=seed))
+    for ls in results:
+        stem = "landscape_1d" if ls.betas is None else "landscape_2d"
+        np.savez(out / f"{stem}.npz", **ls.arrays())
+        plot_landscape(ls, out)
+    return results
+
+
+def log_sharpness(metrics: dict[str, float], out_dir: str | Path | None = None,
+                  artifact_path: str = "sharpness") -> None:
+    """Metrics and (when given) the folder of files to the active MLflow run."""
+    mlflow.log_metrics(metrics)
+    if out_dir is not None:
+        mlflow.log_artifacts(str(out_dir), artifact_path=artifact_path)

@@ -1,0 +1,137 @@
+"""The loss Hessian as a linear operator on flat parameter vectors.
+
+H is the Hessian of the *sample-mean* loss over a fixed list of batches with respect to every
+trainable parameter: H v = sum_b (n_b / N) H_b v. The solvers (Lanczos, power iteration,
+Hutchinson, SLQ) only see ``matvec(v)``, so they can be tested on explicit matrices.
+
+Two HVP methods, both exact:
+- ``"rev"``  reverse-over-reverse (double backward). With a single batch the first-order graph is
+  built once and kept, so every further HVP costs one extra backward (PyHessian's trick, minus its
+  ``.grad`` reference cycle). With several batches the graph is rebuilt per batch.
+- ``"fwd"``  forward-over-reverse, ``jvp(grad(loss))`` via ``torch.func`` (less memory, no retained
+  graph; needs forward-AD formulas for every op).
+Fused attention kernels support neither, so every HVP runs under the math SDPA backend, and TF32
+is switched off for the duration (it adds ~1e-3 relative noise to each product).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@contextlib.contextmanager
+def exact_numerics() -> Iterator[None]:
+    """TF32 off and the math attention kernel (differentiable twice and forward-mode) on."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode inside; train/eval flags of every submodule, parameters and buffers restored after.
+
+    Restoring by ``copy_`` from clones makes the model bitwise identical afterwards, even when the
+    body raised halfway through a perturbation.
+    """
+    modes = {m: m.training for m in model.modules()}
+    saved = [(t, t.detach().clone()) for t in [*model.parameters(), *model.buffers()]]
+    model.eval()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for t, copy in saved:
+                t.copy_(copy)
+        for m, mode in modes.items():
+            m.training = mode
+
+
+class HessianOperator:
+    """``H v`` for the mean ``criterion(model(x), y)`` over ``batches`` (staged on ``device`` once).
+
+    The model's mode is used as is; :func:`compute_sharpness` puts it in eval mode (BN running
+    statistics, no dropout), which is what makes the operator deterministic. ``hvp_count`` counts
+    products, one per call whatever the number of batches.
+    """
+
+    def __init__(self, model: nn.Module, batches: Sequence[Batch], criterion: Criterion = F.cross_entropy, *,
+                 method: str = "rev", device: torch.device | str | None = None) -> None:
+        if method not in ("rev", "fwd"):
+            raise ValueError(f"unknown HVP method {method!r}; use 'rev' (double backward) or 'fwd' (jvp of grad)")
+        if not batches:
+            raise ValueError("HessianOperator needs at least one (x, y) batch")
+        self.model, self.criterion, self.method = model, criterion, method
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
+        device = torch.device(device) if device is not None else self.params[0].device
+        self.batches = [(x.to(device), y.to(device)) for x, y in batches]
+        self.total = sum(len(y) for _, y in self.batches)
+        self.shapes = [p.shape for p in self.params]
+        self.numels = [p.numel() for p in self.params]
+        self.dim = sum(self.numels)
+        self.dtype, self.device = self.params[0].dtype, self.params[0].device
+        self.hvp_count = 0
+        self._grads: list[torch.Tensor] | None = None  # retained first-order graph (single batch, "rev")
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of a flat vector shaped like the parameters (parameters_to_vector order)."""
+        return [t.view(s) for t, s in zip(torch.split(flat, self.numels), self.shapes, strict=True)]
+
+    def flatten(self) -> torch.Tensor:
+        """The current parameter values as one flat vector."""
+        return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        """``H v`` for a flat vector ``v`` of length ``dim``."""
+        parts = self.split(v.to(self.dtype))
+        out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        with exact_numerics():
+            for x, y in self.batches:
+                hv = self._hvp_rev(x, y, parts) if self.method == "rev" else self._hvp_fwd(x, y, parts)
+                out.add_(torch.cat([h.reshape(-1) for h in hv]), alpha=len(y) / self.total)
+        self.hvp_count += 1
+        return out
+
+    def loss(self) -> torch.Tensor:
+        """Sample-mean loss over all batches (no graph)."""
+        with torch.no_grad(), exact_numerics():
+            return sum(self.criterion(self.model(x), y) * (len(y) / self.total) for x, y in self.batches)
+
+    def _first_order(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        loss = self.criterion(self.model(x), y)
+        return list(torch.autograd.grad(loss, self.params, create_graph=True, materialize_grads=True))
+
+    def _hvp_rev(self, x: torch.Tensor, y: torch.Tensor, parts: list[torch.Tensor]) -> Sequence[torch.Tensor]:
+        single = len(self.batches) == 1
+        if single and self._grads is None:
+            self._grads = self._first_order(x, y)
+        grads = self._grads if single else self._first_order(x, y)
+        # parameters that enter the loss only linearly have no second-order path: zeros, not errors
+        return torch.autograd.grad(grads, self.params, grad_outputs=parts, retain_graph=single,
+                                   allow_unused=True, materialize_grads=True)
+
+    def _hvp_fwd(self, x: torch.Tensor, y: torch.Tensor, parts: list[torch.Tensor]) -> Sequence[torch.Tensor]:
+        def loss_of(values: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            out = functional_call(self.model, dict(zip(self.names, values, strict=True)), (x,))
+            return self.criterion(out, y)
+
+        primals = tuple(p.detach() for p in self.params)
+        return jvp(grad(loss_of), (primals,), (tuple(parts),))[1]

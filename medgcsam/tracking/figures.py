@@ -1,0 +1,44 @@
+"""Training curves and the gradient-norm trace as matplotlib figures (logged with ``mlflow.log_figure``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def curves_figure(history: Sequence[dict[str, float]]) -> Figure:
+    """Loss and accuracy per epoch, train vs validation."""
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        for split in ("train", "val"):
+            key = f"{split}/{metric}"
+            if any(key in h for h in history):
+                ax.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def grad_norm_figure(steps: Sequence[int], norm: Sequence[float], norm_gc: Sequence[float]) -> Figure:
+    """Per-step gradient norm before and after gradient centralization (the paper's norm figures)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, norm, label="||g|| (raw)", linewidth=0.8)
+    ax.plot(steps, norm_gc, label="||GC(g)|| (centralized)", linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("gradient L2 norm")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def close(fig: Figure) -> None:
+    plt.close(fig)

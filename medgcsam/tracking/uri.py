@@ -1,0 +1,98 @@
+"""Where runs go: an embedded sqlite store by default, or any tracking URI the user gives.
+
+An unreachable server must stop the run before any data is read or any model is built, within
+``connect_timeout_s``; MLflow's own client retries for minutes, so the check is a bare HTTP probe.
+"""
+
+from __future__ import annotations
+
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from medgcsam.config import PipelineConfig
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message names the URI and the fix."""
+
+
+def resolve_tracking_uri(cfg: PipelineConfig, override: str | None = None) -> str:
+    """``override`` > ``tracking.uri`` > ``sqlite:///<output_dir>/mlflow.db`` (absolute, so cwd never matters)."""
+    uri = override or cfg.tracking.uri
+    if uri:
+        return uri
+    return f"sqlite:///{(Path(cfg.output_dir) / 'mlflow.db').resolve()}"
+
+
+def artifact_location(cfg: PipelineConfig, uri: str) -> str | None:
+    """Explicit artifact root for local stores (MLflow would use ``./mlruns`` of the cwd); servers choose their own."""
+    if urlparse(uri).scheme in ("sqlite", "postgresql", "mysql", "mssql"):
+        return (Path(cfg.output_dir) / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def ensure_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail within ``timeout_s`` with a clear message when ``uri`` cannot take a run."""
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        _probe_http(uri, timeout_s)
+    elif scheme == "sqlite":
+        db = Path(uri.removeprefix("sqlite:///"))
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(f"tracking store {uri}: cannot create folder {db.parent} ({exc}); "
+                                f"set output_dir or tracking.uri to a writable place") from None
+    elif scheme in ("", "file"):
+        raise TrackingError(f"tracking URI {uri!r} is a file store, which MLflow 3.13+ refuses; use "
+                            f"sqlite:///path/mlflow.db or an http(s):// server (`mlflow migrate-filestore` "
+                            f"converts an old ./mlruns)")
+
+
+def _probe_http(uri: str, timeout_s: float) -> None:
+    # The probe runs in a daemon thread so a hanging DNS lookup cannot outlive the deadline.
+    outcome: list[BaseException | None] = []
+
+    def probe() -> None:
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
+                resp.read(64)
+            outcome.append(None)
+        except urllib.error.HTTPError as exc:  # the server answered: reachable (auth is MLflow's business)
+            outcome.append(None if exc.code in (401, 403) else exc)
+        except Exception as exc:  # URLError, timeouts, resets: all mean "cannot reach"
+            outcome.append(exc)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome or outcome[0] is not None:
+        reason = f"no answer within {timeout_s:g} s" if not outcome else str(outcome[0])
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({reason}). Start it (e.g. `mlflow server --host "
+            f"0.0.0.0 --port 5000 --backend-store-uri sqlite:///mlflow.db`), fix tracking.uri / --tracking-uri, "
+            f"or leave tracking.uri unset to use the embedded sqlite store under output_dir")
+
+
+def ensure_experiment(cfg: PipelineConfig, uri: str) -> str:
+    """The experiment id for ``tracking.experiment``, created with an explicit artifact location if new."""
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise TrackingError(f"experiment {cfg.tracking.experiment!r} is deleted in {uri}; restore it "
+                                f"(`mlflow experiments restore`) or set tracking.experiment to another name")
+        return exp.experiment_id
+    return client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(cfg, uri))
+
+
+def activate(uri: str) -> None:
+    """Point the fluent API (``mlflow.log_*``) and the registry at ``uri``."""
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)

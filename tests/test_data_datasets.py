@@ -1,0 +1,168 @@
+"""MONAI pipelines, datasets, caches and loaders on real image files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medgcsam.config import DataConfig
+from medgcsam.data.datasets import build_datasets, build_loaders
+from medgcsam.data.io import read_image
+from medgcsam.data.transforms import build_transforms, deterministic_transforms
+from medgcsam.models.factory import InputSpec, create_model, input_spec
+from tests.helpers_images import make_manifest, synthetic_pixels, write_image
+
+RGB = InputSpec(32, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+GREY = InputSpec(32, 1, (0.45,), (0.225,))
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    make_manifest(root, root / "m.csv", classes=("benign", "malignant", "normal"), n_per_class=12,
+                  size=(36, 52), patients_per_class=6)
+    return root / "m.csv"
+
+
+def _cfg(manifest, **kw):
+    base = {"manifest": manifest, "task": "bus_3class", "modality": "ultrasound", "batch_size": 4,
+            "num_workers": 0, "cache": "none"}
+    return DataConfig(**{**base, **kw})
+
+
+def test_deterministic_part_keeps_aspect_and_matches_inference_on_arrays(tmp_path):
+    pixels = synthetic_pixels(1, (20, 40))
+    path = write_image(tmp_path / "wide.png", pixels, "rgb")
+    raw = deterministic_transforms(RGB, "ultrasound", normalize=False)({"image": str(path)})["image"]
+    assert raw.shape == (3, 32, 32) and raw.dtype == torch.float32
+    assert raw[:, :8].abs().max() == 0 and raw[:, -8:].abs().max() == 0  # 40x20 -> 32x16, padded top/bottom
+    assert raw[:, 8:24].mean() > 0.2
+    from_array = build_transforms(RGB, modality="ultrasound", train=False)({"image": read_image(path)})["image"]
+    from_path = build_transforms(RGB, modality="ultrasound", train=False)({"image": path})["image"]
+    torch.testing.assert_close(from_array, from_path)
+    expected = (raw - torch.tensor(RGB.mean)[:, None, None]) / torch.tensor(RGB.std)[:, None, None]
+    torch.testing.assert_close(from_path, expected)
+
+
+def test_channel_handling(tmp_path):
+    grey = write_image(tmp_path / "g.png", synthetic_pixels(2), "png")
+    rgb = write_image(tmp_path / "c.png", synthetic_pixels(2), "rgb")
+    to_rgb = deterministic_transforms(RGB, normalize=False)({"image": grey})["image"]
+    assert to_rgb.shape[0] == 3 and torch.equal(to_rgb[0], to_rgb[2])
+    to_grey = deterministic_transforms(GREY, normalize=False)({"image": rgb})["image"]
+    direct = deterministic_transforms(GREY, normalize=False)({"image": grey})["image"]
+    assert to_grey.shape[0] == 1
+    torch.testing.assert_close(to_grey, direct, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["monai", "albumentations"])
+def test_ultrasound_augmentation_never_flips_vertically(backend):
+    img = torch.zeros(1, 32, 32)
+    img[:, 2:8, 4:28] = 1.0  # skin line band at the top
+    t = build_transforms(GREY, modality="ultrasound", train=True, backend=backend)
+    t.set_random_state(0)
+    top, bottom, changed = [], [], 0
+    for _ in range(40):
+        out = t({"image": img.numpy()})["image"] * GREY.std[0] + GREY.mean[0]
+        top.append(out[:, :12].mean().item())
+        bottom.append(out[:, 20:].mean().item())
+        changed += not torch.allclose(out, img, atol=1e-3)
+    assert min(top) > 0.2 and max(bottom) < 0.02 and changed > 10
+
+
+def test_xray_has_no_flips_and_unknown_names_fail():
+    t = build_transforms(GREY, modality="xray", train=True)
+    assert not any(type(x).__name__ == "RandFlipd" for x in t.transforms[1].transforms)
+    with pytest.raises(ValueError, match="unknown modality"):
+        build_transforms(GREY, modality="mri", train=True)
+    with pytest.raises(ValueError, match="backend"):
+        build_transforms(GREY, train=True, backend="kornia")
+    with pytest.raises(ValueError, match="one value per channel"):
+        build_transforms(InputSpec(32, 1, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)), train=False)
+
+
+def test_bundle_splits_frames_and_items(manifest):
+    bundle = build_datasets(_cfg(manifest), RGB)
+    assert bundle.class_names == ["benign", "malignant", "normal"] and len(bundle.manifest_sha256) == 64
+    total = sum(len(ds) for ds in bundle.splits().values())
+    assert total == 36 and set(bundle.frames) == {"train", "val", "test"}
+    assert (bundle.frames["val"]["fold"] == 0).all() and (bundle.frames["train"]["fold"] != 0).all()
+    item = bundle.test[3]
+    assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
+    assert item["label"].dtype == torch.int64 and item["index"] == 3
+    row = bundle.frames["test"].iloc[3]
+    assert bundle.class_names[int(item["label"])] == row["label"]
+    explicit = _cfg(manifest, val_fold=None)
+    assert build_datasets(explicit, RGB).val is None
+    with pytest.raises(ValueError, match="val_fold=7"):
+        build_datasets(_cfg(manifest, val_fold=7), RGB)
+
+
+def test_task_drops_classes_and_unknown_labels_fail(manifest, tmp_path):
+    bundle = build_datasets(_cfg(manifest, task="bus_binary"), GREY)
+    assert bundle.class_names == ["benign", "malignant"]
+    assert all((f["label"] != "normal").all() for f in bundle.frames.values())
+    with pytest.raises(ValueError, match=r"labels \['normal'\].*not in data.classes"):
+        build_datasets(_cfg(manifest, task=None, classes=["benign", "malignant"]), GREY)
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_cache_matches_uncached_pipeline(manifest, tmp_path, cache):
+    plain = build_datasets(_cfg(manifest, augment=False), RGB).train
+    cached = build_datasets(_cfg(manifest, augment=False, cache=cache, cache_dir=tmp_path), RGB).train
+    cached.warm_cache(num_workers=0)
+    if cache == "memory":
+        assert cached._memory.dtype == torch.uint8 and cached._memory.shape == (len(cached), 3, 32, 32)
+    else:
+        assert len(list(cached.cache_dir.glob("*.npy"))) == len(cached)
+    for i in range(len(plain)):  # uint8 storage costs at most half a grey level
+        torch.testing.assert_close(cached[i]["image"], plain[i]["image"], atol=0.51 / 255 / min(RGB.std), rtol=0)
+
+
+def test_disk_cache_is_keyed_by_transform_config(manifest, tmp_path):
+    a = build_datasets(_cfg(manifest, cache="disk", cache_dir=tmp_path), RGB).train
+    b = build_datasets(_cfg(manifest, cache="disk", cache_dir=tmp_path), InputSpec(48, 3, RGB.mean, RGB.std)).train
+    a.warm_cache()
+    b.warm_cache()
+    assert a.cache_dir != b.cache_dir
+    assert b[0]["image"].shape == (3, 48, 48)
+
+
+def test_loaders_fixed_train_batches_and_seeded_order(manifest):
+    cfg = _cfg(manifest, batch_size=5, cache="memory")
+    first = []
+    for _ in range(2):
+        loaders = build_loaders(build_datasets(cfg, RGB), cfg, seed=1)
+        batches = list(loaders["train"])
+        assert all(b["image"].shape == (5, 3, 32, 32) for b in batches)  # drop_last: fixed shape
+        first.append(torch.cat([b["index"] for b in batches]))
+        assert len(loaders["val"].dataset) == len(build_datasets(cfg, RGB).val)
+    torch.testing.assert_close(first[0], first[1])
+    with pytest.raises(ValueError, match="fewer than data.batch_size"):
+        build_loaders(build_datasets(_cfg(manifest, batch_size=64), RGB), _cfg(manifest, batch_size=64))
+
+
+def test_worker_augmentation_is_seeded_and_changes_per_epoch(manifest):
+    cfg = _cfg(manifest, batch_size=4, num_workers=2, cache="memory")
+
+    def epochs(seed):
+        loader = build_loaders(build_datasets(cfg, GREY), cfg, seed=seed)["train"]
+        return [{i: img for b in loader for i, img in zip(b["index"].tolist(), b["image"], strict=True)}
+                for _ in range(2)]
+
+    run_a, run_b = epochs(0), epochs(0)
+    common = sorted(set(run_a[0]) & set(run_b[0]))
+    assert common and all(torch.equal(run_a[0][i], run_b[0][i]) for i in common)  # same seed, same pixels
+    again = sorted(set(run_a[0]) & set(run_a[1]))
+    assert sum(not torch.equal(run_a[0][i], run_a[1][i]) for i in again) > len(again) // 2  # fresh draws
+
+
+def test_pipeline_feeds_a_timm_model(manifest):
+    model = create_model("test_resnet", 3, in_chans=1)
+    spec = input_spec(model, image_size=32, channels=1)
+    cfg = _cfg(manifest, channels=1, cache="memory")
+    batch = next(iter(build_loaders(build_datasets(cfg, spec), cfg)["train"]))
+    with torch.no_grad():
+        logits = model(batch["image"])
+    assert logits.shape == (4, 3) and np.isfinite(logits.numpy()).all()

@@ -1,0 +1,176 @@
+"""Training engine on tiny real PNG folders: one-, two- and three-pass optimizers, checkpoints,
+SIGKILL + resume equals an uninterrupted run, and config errors before any work."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch.nn.modules.module import register_module_forward_hook
+
+from medgcsam.config import ConfigError, PipelineConfig
+from medgcsam.engine import load_checkpoint, run_dir, train
+from medgcsam.engine.schedule import lr_factor
+from medgcsam.engine.trainer import seed_everything
+from medgcsam.models import create_model
+from tests.helpers_images import make_manifest
+
+REPO = Path(__file__).resolve().parent.parent
+CLASSES = ("benign", "malignant")
+
+
+def write_image_folder(root: Path) -> Path:
+    """40 learnable grey PNGs: per class 8 train (fold 1), 8 validation (fold 0) and 4 test images."""
+    manifest = root / "manifest.csv"
+    make_manifest(root, manifest, classes=CLASSES, n_per_class=20, k=2)
+    return manifest
+
+
+def tiny_config(manifest: Path, out: Path, name: str, optimizer: str = "gcsam", **train_cfg) -> dict:
+    """A pipeline dict for test_resnet at 32 px on CPU, fp32, no model logging or evaluation."""
+    return {
+        "name": name, "output_dir": str(out),
+        "data": {"manifest": str(manifest), "image_size": 32, "channels": 1, "batch_size": 4, "num_workers": 0,
+                 "cache": "memory", "augment": False, "val_fold": 0},
+        "model": {"name": "test_resnet"},
+        "optimizer": {"name": optimizer, "base": "adam", "lr": 0.003},
+        "train": {"epochs": 2, "warmup_epochs": 0.5, "amp": "none", "device": "cpu", "seed": 0, **train_cfg},
+        "tracking": {"log_model": False},
+        "evaluation": {"enabled": False},
+    }
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    """One output dir (one sqlite store, migrated once) shared by the module's runs."""
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.mark.parametrize(("optimizer", "passes"), [("adam", 1), ("gcsam", 2), ("crsam", 3)])
+def test_short_run_each_pass_count(images, out, optimizer, passes):
+    cfg = PipelineConfig.model_validate(tiny_config(images, out, f"short-{optimizer}", optimizer))
+    train_forwards = []
+
+    def count(module, args, output):
+        if type(module).__name__ == "ResNet" and module.training:
+            train_forwards.append(1)
+
+    hook = register_module_forward_hook(count)
+    try:
+        result = train(cfg)
+    finally:
+        hook.remove()
+
+    steps = 2 * 4  # 2 epochs x (16 train images / batch 4)
+    assert len(train_forwards) == steps * passes
+    assert result.run_id and result.best_checkpoint is not None
+    assert len(result.epoch_times) == 2 and 1 <= result.best_epoch <= 2
+    state = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)
+    assert state["spec"]["class_names"] == list(CLASSES) and state["config_sha256"] == cfg.sha256()
+    last = load_checkpoint(result.checkpoint_dir / "last.pt")
+    assert last["epoch"] == 2 and last["step"] == 0 and last["global_step"] == steps
+    seed_everything(0)
+    fresh = create_model("test_resnet", 2, in_chans=1).state_dict()
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert any(not torch.equal(v, last["model"][k]) for k, v in fresh.items() if v.is_floating_point())
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optimizer.name"] == optimizer
+    assert run.data.params["split.train.n"] == "16" and run.data.params["split.val.n"] == "16"
+    assert [m.step for m in client.get_metric_history(result.run_id, "val/loss")] == [1, 2]
+    norms = client.get_metric_history(result.run_id, "train/grad_norm")
+    assert len(norms) == 8 and all(np.isfinite(m.value) and m.value > 0 for m in norms)
+    if optimizer == "gcsam":  # centralization removes the per-filter mean: the norm can only shrink
+        gc = {m.step: m.value for m in client.get_metric_history(result.run_id, "train/grad_norm_gc")}
+        assert all(gc[m.step] <= m.value * (1 + 1e-6) for m in norms)
+        assert any(gc[m.step] < m.value * 0.999 for m in norms)
+    trace = (run_dir(cfg) / "grad_norm_trace.csv").read_text().splitlines()
+    assert trace[0] == "step,grad_norm,grad_norm_gc" and len(trace) == steps + 1
+
+
+def test_warm_start_and_schedule(images, out):
+    """Base optimizer for the first epoch, then GCSAM; LR follows warmup + cosine per optimizer step."""
+    cfg = PipelineConfig.model_validate(tiny_config(images, out, "warm", "gcsam", warm_start_epochs=1, epochs=2))
+    result = train(cfg)
+    history = load_checkpoint(result.checkpoint_dir / "last.pt")["history"]
+    expected = [0.003 * lr_factor(s, total_steps=8, warmup_steps=2, kind="cosine", min_ratio=0.01) for s in (4, 8)]
+    assert [h["lr"] for h in history] == pytest.approx(expected)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    norms = {m.step: m.value for m in client.get_metric_history(result.run_id, "train/grad_norm")}
+    gc = {m.step: m.value for m in client.get_metric_history(result.run_id, "train/grad_norm_gc")}
+    assert set(gc) == {5, 6, 7, 8}  # GC norms only once GCSAM takes over
+    assert set(norms) == set(range(1, 9))
+
+
+def _train_cli(config: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "medgcsam", "train", str(config), *extra], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(images, tmp_path):
+    raw = tiny_config(images, tmp_path / "killed", "resume", "gcsam", epochs=2, checkpoint_every_steps=1)
+    raw["data"]["batch_size"] = 2  # 8 steps per epoch: room to kill mid-epoch
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    last = tmp_path / "killed" / "resume" / "checkpoints" / "last.pt"
+
+    proc = _train_cli(config)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if last.is_file() and load_checkpoint(last)["global_step"] >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"training ended before it could be killed:\n{proc.stdout.read()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    killed = load_checkpoint(last)
+    assert killed["step"] > 0 and killed["global_step"] < 16, "the kill must land mid-epoch, before the end"
+
+    resumed = _train_cli(config, "--resume")
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    final = load_checkpoint(last)
+    assert final["global_step"] == 16 and final["mlflow_run_id"] == killed["mlflow_run_id"]
+
+    reference_cfg = PipelineConfig.model_validate({**raw, "output_dir": str(tmp_path / "straight")})
+    reference = train(reference_cfg)
+    expected = load_checkpoint(reference.checkpoint_dir / "last.pt")
+    for key, value in expected["model"].items():
+        assert torch.equal(value, final["model"][key]), f"{key} differs after resume"
+    assert [h["train/loss"] for h in final["history"]] == [h["train/loss"] for h in expected["history"]]
+    base_a, base_b = expected["optimizer"]["base"]["state"], final["optimizer"]["base"]["state"]
+    assert all(torch.equal(base_a[i]["exp_avg_sq"], base_b[i]["exp_avg_sq"]) for i in base_a)
+
+
+def test_resume_refuses_another_config(images, out):
+    cfg = PipelineConfig.model_validate(tiny_config(images, out, "short-adam", "adam"))
+    changed = cfg.model_copy(deep=True)
+    changed.optimizer.lr = 0.1
+    with pytest.raises(ConfigError, match=r"optimizer\.lr"):
+        train(changed, resume=True)
+
+
+def test_bad_optimizer_hyperparameter_fails_before_work(images, tmp_path):
+    raw = tiny_config(images, tmp_path, "bad", "gcsam")
+    raw["optimizer"]["rhoo"] = 0.05
+    cfg = PipelineConfig.model_validate(raw)
+    with pytest.raises(ValueError, match="rhoo"):
+        train(cfg)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "bad").exists()

@@ -1,0 +1,116 @@
+"""Experiment files, grid expansion and cell ids (no training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medgcsam.config import ConfigError
+from medgcsam.experiments import Experiment, cv_cells, final_cells, grid_cells, load_experiment
+
+BASE = {
+    "name": "tiny",
+    "data": {"manifest": "manifest.csv", "image_size": 32, "batch_size": 4},
+    "model": {"name": "test_resnet"},
+    "optimizer": {"name": "adam", "lr": 1e-3},
+    "train": {"epochs": 1},
+}
+
+
+def write(tmp_path: Path, exp: dict, base: dict | None = None) -> Path:
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base or BASE))
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    return path
+
+
+def sweep(**extra) -> dict:
+    return {"name": "sweep", "base": "base.yaml", "methods": ["adam", "sam", "gcsam"],
+            "grid": {"optimizer.rho": {"values": [0.01, 0.1, 0.5], "methods": ["sam", "gcsam"]}},
+            "seeds": [0, 1], **extra}
+
+
+def test_grid_expands_axes_only_for_their_methods(tmp_path):
+    exp, _ = load_experiment(write(tmp_path, sweep()))
+    cells = grid_cells(exp)
+    assert len(cells) == 2 + 2 * 3 * 2  # adam x seeds + (sam, gcsam) x rho x seeds
+    adam = [c for c in cells if c.method == "adam"]
+    assert all("optimizer.rho" not in c.settings and c.axes == {} for c in adam)
+    sam_rhos = sorted({c.settings["optimizer.rho"] for c in cells if c.method == "sam"})
+    assert sam_rhos == [0.01, 0.1, 0.5]  # the axis value replaces the preset's 0.05
+    assert len({c.id for c in cells}) == len(cells)
+
+
+def test_cell_ids_are_stable_when_the_grid_grows(tmp_path):
+    exp, _ = load_experiment(write(tmp_path, sweep()))
+    before = {c.name: c.id for c in grid_cells(exp)}
+    again, _ = load_experiment(write(tmp_path, sweep()))
+    assert {c.name: c.id for c in grid_cells(again)} == before
+    grown, _ = load_experiment(write(tmp_path, sweep(seeds=[0, 1, 2], methods=["adam", "sam", "gcsam", "asam"])))
+    after = {c.name: c.id for c in grid_cells(grown)}
+    assert all(after[name] == cid for name, cid in before.items())
+    assert len(after) > len(before)
+
+
+def test_cell_pipelines_carry_the_overrides(tmp_path):
+    (tmp_path / "manifest.csv").write_text("path,label\n")
+    ex = Experiment(write(tmp_path, sweep()))
+    cell = next(c for c in grid_cells(ex.config) if c.method == "gcsam" and c.seed == 1)
+    cfg = ex.pipeline(cell)
+    assert cfg.optimizer.name == "gcsam"
+    assert cfg.optimizer.hyperparameters["rho"] == cell.settings["optimizer.rho"]
+    assert cfg.train.seed == 1
+    assert cfg.tracking.experiment == "sweep" and cfg.tracking.register_as is None
+    assert cfg.output_dir.name == cell.id
+    assert cfg.data.manifest == (tmp_path / "manifest.csv").resolve()  # relative to the base pipeline file
+
+
+def test_selection_stages(tmp_path):
+    sel = {"name": "sel", "base": "base.yaml", "methods": ["adam", "gcsam"], "seeds": [0, 1, 2],
+           "selection": {"folds": 3, "seeds": [0, 1], "final_epochs": 4,
+                         "candidates": {"gcsam": [{"optimizer.rho": 0.05}, {"optimizer.rho": 0.2}]}}}
+    exp, _ = load_experiment(write(tmp_path, sel))
+    cv = cv_cells(exp)
+    assert len(cv) == (1 + 2) * 2 * 3  # (adam preset + 2 gcsam candidates) x seeds x folds
+    assert {c.fold for c in cv} == {0, 1, 2}
+    assert all(c.extra["evaluation.splits"] == ["val"] for c in cv)  # the test split is never touched in CV
+    final = final_cells(exp, {"adam": 0, "gcsam": 1})
+    assert len(final) == 2 * 3
+    gc = [c for c in final if c.method == "gcsam"]
+    assert all(c.settings["optimizer.rho"] == 0.2 and c.extra["data.val_fold"] is None for c in gc)
+    assert all(c.extra["train.epochs"] == 4 and c.extra["evaluation.splits"] == ["test"] for c in final)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"methods": ["adam", "nosuch"]}, "no preset 'nosuch'"),
+        ({"grid": {"train.seed": [0, 1]}}, "managed by the experiment"),
+        ({"grid": {"optimizer.rho": {"values": [0.1], "methods": ["asam"]}}}, "not in methods"),
+        ({"grid": {"optimizer.rho": [0.1, 0.1]}}, "repeats a value"),
+        ({"seeds": [0, 0]}, "repeat a value"),
+        ({"pipeline": {"data": {"manifest": "m.csv"}}}, "exactly one of 'base'"),
+        ({"report": {"primary": "nope"}}, "report.primary"),
+        ({"selection": {"folds": 3}}, "cannot be combined"),
+    ],
+)
+def test_invalid_experiments_name_the_field(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(write(tmp_path, {**sweep(), **change}))
+
+
+def test_missing_base_and_bad_cell_pipeline(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({**sweep(), "base": "elsewhere.yaml"}))
+    with pytest.raises(ConfigError, match="elsewhere.yaml does not exist"):
+        load_experiment(path)
+    bad = write(tmp_path, {**sweep(), "overrides": ["train.epochs=0"]})
+    with pytest.raises(ConfigError, match="train.epochs"):
+        Experiment(bad).validate()
+
+
+def test_experiment_overrides_from_the_command_line(tmp_path):
+    exp, _ = load_experiment(write(tmp_path, sweep()), ["seeds=[7]"])
+    assert {c.seed for c in grid_cells(exp)} == {7}

@@ -1,0 +1,119 @@
+"""Aggregation and the report, from cells recorded in a real sqlite MLflow store (no training).
+
+This is the path of cells trained elsewhere: their child runs exist under the parent with their
+metrics, and the experiment only collects them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from mlflow.entities import Metric
+
+from medgcsam.experiments import Experiment, grid_cells, mcnemar_exact, summarize
+from medgcsam.experiments.report import collect, paired_table, summary_table, write_report
+from medgcsam.experiments.runner import TAG_CELL, TIME_PER_EPOCH
+
+ACC = {"adam": [0.70, 0.72, 0.71], "sam": [0.74, 0.73, 0.76], "gcsam": [0.75, 0.77, 0.74]}
+EPOCH_S = {"adam": [1.0, 1.1, 0.9], "sam": [2.0, 2.2, 1.8], "gcsam": [2.1, 2.3, 1.9]}
+LABELS = np.array(["benign", "malignant"] * 10)
+
+
+def predictions(method: str, seed: int) -> pd.DataFrame:
+    """Test predictions whose correctness pattern differs by method (deterministic)."""
+    rng = np.random.default_rng({"adam": 1, "sam": 2, "gcsam": 3}[method] * 10 + seed)
+    correct = rng.random(LABELS.size) < ACC[method][seed]
+    pred = np.where(correct, LABELS, np.where(LABELS == "benign", "malignant", "benign"))
+    return pd.DataFrame({"row": range(LABELS.size), "path": [f"img{i:02d}.png" for i in range(LABELS.size)],
+                         "label": LABELS, "predicted": pred})
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """One store for the module: 3 methods x 3 seeds, gcsam seed 2 left RUNNING."""
+    tmp_path = tmp_path_factory.mktemp("agg")
+    base = {"name": "agg", "output_dir": str(tmp_path / "out"), "data": {"manifest": "m.csv"}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(
+        {"name": "agg", "base": "base.yaml", "methods": ["adam", "sam", "gcsam"], "seeds": [0, 1, 2]}))
+    ex = Experiment(tmp_path / "exp.yaml")
+    for cell in grid_cells(ex.config):
+        log_cell(ex, cell, tmp_path, finish=not (cell.method == "gcsam" and cell.seed == 2))
+    return ex
+
+
+def log_cell(ex: Experiment, cell, tmp_path, *, finish: bool = True) -> str:
+    """A child run with what the engine and evaluation log, then recorded as the cell's result."""
+    client, i = ex.client, cell.seed
+    run_id = client.create_run(ex.experiment_id(), run_name=cell.name,
+                               tags={"mlflow.parentRunId": ex.parent_run_id()}).info.run_id
+    now = int(time.time() * 1000)
+    metrics = [Metric("test/accuracy", ACC[cell.method][i], now, 0),
+               Metric("test/auroc_macro", ACC[cell.method][i] + 0.1, now, 0)]
+    metrics += [Metric("train/grad_norm", 1.0 / step + i, now, step) for step in range(1, 7)]  # 2 epochs x 3 steps
+    metrics += [Metric("epoch_time_s", EPOCH_S[cell.method][i], now, epoch) for epoch in (1, 2)]
+    client.log_batch(run_id, metrics=metrics)
+    (tmp_path / cell.id).mkdir()
+    path = tmp_path / cell.id / "predictions_test.csv"
+    predictions(cell.method, i).to_csv(path, index=False)
+    client.log_artifact(run_id, str(path), "evaluation")
+    if not finish:
+        client.set_tag(run_id, TAG_CELL, cell.id)  # tagged but still RUNNING: not finished
+        return run_id
+    client.set_terminated(run_id, "FINISHED")
+    ex.record_cell(run_id, cell, {TIME_PER_EPOCH: EPOCH_S[cell.method][i]})
+    return run_id
+
+
+def test_collect_and_summaries(recorded):
+    ex = recorded
+    finished = ex.finished_runs()
+    assert len(finished) == 8  # the RUNNING gcsam seed-2 cell does not count
+    df = collect(ex, finished)
+    summ = summary_table(df, ex.config).set_index("group")
+    for method in ("adam", "sam"):
+        got = summ.loc[method, "test accuracy"]
+        assert got == summarize(ACC[method])
+    assert summ.loc["gcsam", "n seeds"] == 2
+    assert summ.loc["gcsam", "test accuracy"] == summarize(ACC["gcsam"][:2])
+    rel = summ.loc["sam", "time per epoch vs reference"]
+    assert rel.mean == pytest.approx(2.0) and rel.sd == pytest.approx(0.0, abs=1e-12)
+    assert summ.loc["adam", "time per epoch vs reference"].mean == pytest.approx(1.0)
+    assert summ.loc["adam", "test balanced accuracy"].n == 0  # never logged: n/a, not 0
+
+
+def test_paired_comparisons_match_seeds(recorded):
+    ex = recorded
+    df = collect(ex, ex.finished_runs())
+    paired = paired_table(df, ex.config, None).set_index(["group", "baseline"])
+    row = paired.loc[("sam", "adam")]
+    diffs = np.subtract(ACC["sam"], ACC["adam"])
+    assert row["n pairs"] == 3 and row["mean diff"] == pytest.approx(diffs.mean())
+    assert row["p (sign-flip, exact)"] == pytest.approx(0.25) and row["wins/losses"] == "3/0"
+    assert paired.loc[("gcsam", "sam"), "n pairs"] == 2  # only the seeds both finished
+    assert ("sam", "sam") not in paired.index
+
+
+def test_report_written_and_logged(recorded):
+    ex = recorded
+    path = write_report(ex, ex.finished_runs())
+    text = path.read_text()
+    assert "cells finished: 8 of 9 planned" in text
+    s = summarize(ACC["sam"])
+    assert f"{s.mean:.4g} ± {s.sd:.2g} [{s.low:.4g}, {s.high:.4g}]" in text
+    b, c, p = mcnemar_exact(*(predictions(m, 0).pipe(lambda t: (t.label == t.predicted).to_numpy())
+                              for m in ("sam", "adam")))
+    assert f"s0: {b}/{c} p={p:.3g}" in text
+    assert "Not logged by any cell (left out): test balanced accuracy, test ECE, top Hessian eigenvalue" in text
+    for png in ("grad_norm_per_step.png", "grad_norm_per_epoch.png"):
+        assert (path.parent / png).stat().st_size > 1000
+        assert f"({png})" in text
+    logged = {a.path for a in ex.client.list_artifacts(ex.parent_run_id(), "report")}
+    assert {"report/report.md", "report/cells.csv", "report/grad_norm_per_step.png"} <= logged
+    cells = pd.read_csv(path.parent / "cells.csv")
+    assert len(cells) == 8 and json.loads(cells.axis_values[0]) == {}

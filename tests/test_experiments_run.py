@@ -1,0 +1,126 @@
+"""Orchestration with real training: nested runs, resumption, worker processes, the selection protocol.
+
+Each cell is a real `engine.train` call on generated PNGs (timm test_resnet, 32 px, 1 epoch of
+2 steps) tracked in a sqlite MLflow store.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from medgcsam.config import ConfigError
+from medgcsam.experiments import CandidateResult, Experiment, cv_cells, select, simplicity_key
+from medgcsam.experiments.presets import PRESETS
+from medgcsam.experiments.runner import TAG_CELL
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """24 grey PNGs, two classes told apart by brightness; 6 test images, train split in 2 folds."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    rows = ["path,label,split,fold"]
+    for label, level in (("benign", 70), ("malignant", 170)):
+        (root / label).mkdir()
+        for i in range(12):
+            Image.fromarray(np.clip(rng.normal(level, 40, (32, 32)), 0, 255).astype(np.uint8)).save(
+                root / label / f"{i}.png")
+            split = "test" if i < 3 else "train"
+            rows.append(f"{label}/{i}.png,{label},{split},{i % 2 if split == 'train' else -1}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def write_experiment(tmp_path: Path, data_dir: Path, exp: dict) -> Path:
+    base = {
+        "name": "tiny", "output_dir": str(tmp_path / "out"),
+        "data": {"manifest": str(data_dir / "manifest.csv"), "image_size": 32, "channels": 1, "batch_size": 4,
+                 "num_workers": 0, "val_fold": 0, "augment": False},
+        "model": {"name": "test_resnet"},
+        "optimizer": {"name": "adam", "lr": 1e-3},
+        "train": {"epochs": 1, "max_steps_per_epoch": 2, "amp": "none", "warmup_epochs": 0},
+        "tracking": {"log_model": False},
+        "evaluation": {"bootstrap": 0, "positive_class": "malignant"},
+    }
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"base": "base.yaml", **exp}))
+    return path
+
+
+def children(ex: Experiment) -> list:
+    return ex.client.search_runs([ex.experiment_id()], f"tags.`mlflow.parentRunId` = '{ex.parent_run_id()}'")
+
+
+def test_worker_cell_resume_and_growth(tmp_path, data_dir):
+    path = write_experiment(tmp_path, data_dir, {"name": "grid", "methods": ["adam", "gcsam"], "seeds": [0]})
+    # one cell trained by a separate worker process, as on another machine
+    worker = subprocess.run([sys.executable, "-m", "medgcsam", "experiment", str(path), "--cell", "1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert worker.returncode == 0, worker.stderr[-3000:]
+    ex = Experiment(path)
+    plan = ex.plan()
+    assert list(ex.finished_runs()) == [plan[1].id]
+
+    summary = ex.run()  # the parent collects the worker's cell and trains only the other one
+    assert summary.ran == [plan[0].id] and summary.skipped == [plan[1].id] and not summary.pending
+    runs = children(ex)
+    assert sorted(r.data.tags[TAG_CELL] for r in runs) == sorted(c.id for c in plan)
+    assert all(r.info.status == "FINISHED" and "test/accuracy" in r.data.metrics for r in runs)
+    assert {r.data.params["optimizer.name"] for r in runs} == {"adam", "gcsam"}
+    assert ex.client.get_run(ex.parent_run_id()).info.status == "FINISHED"
+    text = summary.report.read_text()
+    assert "| adam | 1 |" in text and "| gcsam | 1 |" in text and "cells finished: 2 of 2" in text
+
+    again = Experiment(path).run()  # resumption: nothing left to train
+    assert again.ran == [] and sorted(again.skipped) == sorted(c.id for c in plan)
+
+    grown = Experiment(path, ["methods=[adam, gcsam, gc_adam]"]).run()
+    assert len(grown.ran) == 1 and len(grown.skipped) == 2  # only the new method's cell
+    assert len(children(ex)) == 3
+
+
+def test_selection_protocol_end_to_end(tmp_path, data_dir):
+    sel = {"folds": 2, "seeds": [0], "metric": "val/balanced_accuracy",
+           "candidates": {"gcsam": [{"optimizer.rho": 0.05}, {"optimizer.rho": 0.5}]}}
+    path = write_experiment(tmp_path, data_dir, {"name": "sel", "methods": ["gcsam"], "seeds": [0],
+                                                 "selection": sel})
+    ex = Experiment(path)
+    summary = ex.run()
+    cv = cv_cells(ex.config)
+    finished = ex.finished_runs()
+    assert all(c.id in finished for c in cv) and len(summary.ran) == len(cv) + 1
+    # the CV never touched the test split
+    assert not any(k.startswith("test/") for c in cv for k in finished[c.id].data.metrics)
+    assert {finished[c.id].data.params["data.val_fold"] for c in cv} == {"0", "1"}
+    # the choice is the rule applied to the logged validation scores
+    preset = PRESETS["gcsam"]
+    rows = []
+    for ci, rho in enumerate((0.05, 0.5)):
+        settings = {**preset, "optimizer.rho": rho}
+        scores = [ex.cv_score(c, finished[c.id]) for c in cv if c.candidate == ci]
+        rows.append(CandidateResult(ci, settings, scores, simplicity_key(settings, preset, ci)))
+    assert summary.chosen == {"gcsam": select(rows).index}
+    final = [r for r in finished.values() if '"stage": "final"' in r.data.tags["medgcsam.cell"]]
+    assert len(final) == 1 and "test/accuracy" in final[0].data.metrics
+    assert float(final[0].data.params["optimizer.rho"]) == (0.05, 0.5)[summary.chosen["gcsam"]]
+    text = summary.report.read_text()
+    assert "Cross-validated selection (2-fold" in text and "**yes**" in text
+    assert (ex.output_dir / "report" / "selection.md").is_file()
+
+
+def test_bad_hyperparameter_fails_before_any_run(tmp_path, data_dir):
+    path = write_experiment(tmp_path, data_dir, {"name": "bad", "methods": {"sam": {"set": {"optimizer.rhoo": 1}}}})
+    ex = Experiment(path)
+    with pytest.raises(ConfigError, match="rhoo"):
+        ex.run()
+    assert ex.parent_run_id(create=False) is None

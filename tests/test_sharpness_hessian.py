@@ -1,0 +1,326 @@
+"""Hessian machinery against analytic ground truth (validation plan, hessian.md section 5 A-D)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from medgcsam.config import SharpnessConfig
+from medgcsam.sharpness import (
+    HessianOperator,
+    compute_sharpness,
+    hutchinson_trace,
+    lanczos,
+    lanczos_top_eigs,
+    power_iteration,
+    slq_density,
+)
+
+F64 = torch.float64
+
+
+def _orthogonal(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    return q
+
+
+def designed(eigs: np.ndarray, seed: int = 0) -> torch.Tensor:
+    q = _orthogonal(len(eigs), seed)
+    return q @ torch.diag(torch.as_tensor(eigs, dtype=F64)) @ q.T
+
+
+class Quadratic(nn.Module):
+    """Loss 1/2 th^T A th + b^T th over parameters of mixed shapes; ``forward`` returns the loss."""
+
+    def __init__(self, a: torch.Tensor, dtype: torch.dtype = F64) -> None:
+        super().__init__()
+        self.register_buffer("a", a.to(dtype))
+        self.b = nn.Parameter(torch.linspace(-1, 1, len(a), dtype=dtype).view(-1).clone(), requires_grad=False)
+        self.w1 = nn.Parameter(torch.randn(4, 3, dtype=dtype))
+        self.w2 = nn.Parameter(torch.randn(5, dtype=dtype))
+        self.w3 = nn.Parameter(torch.randn(2, 2, 3, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        th = torch.cat([self.w1.reshape(-1), self.w2, self.w3.reshape(-1)])
+        return 0.5 * th @ self.a @ th + self.b @ th
+
+
+def identity_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return out
+
+
+def dense_hessian(model: nn.Module, batches, criterion=F.cross_entropy) -> torch.Tensor:
+    op = HessianOperator(model, batches, criterion)
+    total = sum(len(y) for _, y in batches)
+
+    def loss(theta):
+        params = dict(zip(op.names, op.split(theta), strict=True))
+        return sum(criterion(functional_call(model, params, (x,)), y) * len(y) / total for x, y in batches)
+
+    return torch.autograd.functional.hessian(loss, op.flatten(), vectorize=True)
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3)).to(F64)
+
+
+def conv_bn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3)).to(F64)
+
+
+def data(n: int, shape: tuple[int, ...], seed: int = 0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+# --- A. HVP --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["rev", "fwd"])
+def test_hvp_quadratic_exact(method):
+    a = designed(np.linspace(-2, 3, 29))
+    model = Quadratic(a)
+    op = HessianOperator(model, [(torch.zeros(1), torch.zeros(1))], identity_loss, method=method)
+    assert op.dim == 29
+    v = torch.randn(29, dtype=F64)
+    assert torch.linalg.norm(op(v) - a @ v) / torch.linalg.norm(a @ v) < 1e-12
+    model32 = Quadratic(a, torch.float32)
+    op32 = HessianOperator(model32, [(torch.zeros(1), torch.zeros(1))], identity_loss, method=method)
+    hv = op32(v.float()).double()
+    assert torch.linalg.norm(hv - a @ v) / torch.linalg.norm(a @ v) < 1e-5
+
+
+@pytest.mark.parametrize("make,shape", [(mlp, (10,)), (conv_bn, (2, 6, 6))])
+def test_hvp_matches_dense_hessian(make, shape):
+    model = make().eval()
+    batches = [data(24, shape)]
+    h = dense_hessian(model, batches)
+    assert torch.allclose(h, h.T, atol=1e-12)
+    v = torch.randn(len(h), dtype=F64)
+    for method in ("rev", "fwd"):
+        hv = HessianOperator(model, batches, method=method)(v)
+        assert torch.linalg.norm(hv - h @ v) / torch.linalg.norm(h @ v) < 1e-10, method
+
+
+def test_dataset_operator_weights_unequal_batches():
+    model = mlp().eval()
+    x, y = data(71, (10,))
+    split = [(x[:32], y[:32]), (x[32:64], y[32:64]), (x[64:], y[64:])]
+    v = torch.randn(HessianOperator(model, [(x, y)]).dim, dtype=F64)
+    for method in ("rev", "fwd"):
+        whole = HessianOperator(model, [(x, y)], method=method)(v)
+        parts = HessianOperator(model, split, method=method)(v)
+        assert torch.linalg.norm(parts - whole) / torch.linalg.norm(whole) < 1e-12
+
+
+def test_hvp_attention_under_math_kernel():
+    """Fused SDPA has no double-backward / forward-AD; the operator must still work and agree."""
+    torch.manual_seed(0)
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.mha(x, x, x, need_weights=False)[0].mean(dim=1))
+
+    model = Attn().eval()
+    batches = [data(6, (5, 8), dtype=torch.float32)]
+    v = torch.randn(HessianOperator(model, batches).dim)
+    rev = HessianOperator(model, batches, method="rev")(v)
+    fwd = HessianOperator(model, batches, method="fwd")(v)
+    assert torch.isfinite(rev).all()
+    assert torch.linalg.norm(rev - fwd) / torch.linalg.norm(rev) < 1e-4
+
+
+def test_unused_parameters_give_zero_curvature():
+    class WithUnused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp()
+            self.unused = nn.Linear(3, 2).to(F64)  # a frozen-branch stand-in: never called
+
+        def forward(self, x):
+            return self.net(x)
+
+    op = HessianOperator(WithUnused().eval(), [data(8, (10,))])
+    hv = op(torch.ones(op.dim, dtype=F64))
+    assert torch.all(hv[-8:] == 0) and torch.any(hv[:-8] != 0)
+
+
+# --- B. top eigenvalues --------------------------------------------------------------------------
+
+SPECTRUM = np.r_[10.0, 5.0, 4.0, np.random.default_rng(0).uniform(-1, 1, 197)]
+
+
+def test_lanczos_designed_spectrum_certified():
+    a = designed(SPECTRUM)
+    res = lanczos_top_eigs(lambda v: a @ v, 200, k=3, max_steps=80, tol=1e-10, dtype=F64, return_vectors=True)
+    np.testing.assert_allclose(res.values, [10, 5, 4], rtol=1e-8)
+    assert res.converged and all(r <= 1e-10 * abs(v) for r, v in zip(res.residuals, res.values, strict=True))
+    evecs = torch.linalg.eigh(a).eigenvectors[:, [-1, -2, -3]]
+    cos = torch.abs(torch.sum(evecs * res.vectors.T, dim=0))
+    assert torch.all(cos >= 1 - 1e-6)
+    # the residual really is ||A u - theta u||
+    u = res.vectors[0]
+    assert float(torch.linalg.norm(a @ u - res.values[0] * u)) == pytest.approx(res.residuals[0], abs=1e-9)
+
+
+def test_power_iteration_tight_and_pyhessian_mode():
+    a = designed(SPECTRUM)
+    tight = power_iteration(lambda v: a @ v, 200, k=1, max_iter=1000, tol=1e-8, dtype=F64)
+    assert tight.values[0] == pytest.approx(10.0, rel=1e-5)
+    compat = power_iteration(lambda v: a @ v, 200, k=3, dtype=F64)  # PyHessian defaults: 100 iters, tol 1e-3
+    np.testing.assert_allclose(compat.values, [10, 5, 4], rtol=1e-2)
+    assert compat.hvps <= 300
+
+
+def test_negative_dominant_spectrum_semantics():
+    a = designed(np.r_[-8.0, 5.0, np.linspace(-1, 1, 48)])
+    power = power_iteration(lambda v: a @ v, 50, max_iter=1000, tol=1e-10, dtype=F64)
+    assert power.values[0] == pytest.approx(-8.0, rel=1e-6)  # largest |lambda|, as PyHessian
+    lz = lanczos_top_eigs(lambda v: a @ v, 50, max_steps=50, tol=1e-10, dtype=F64)
+    assert lz.values[0] == pytest.approx(5.0, rel=1e-8)  # algebraically largest
+    assert lz.min_value == pytest.approx(-8.0, rel=1e-8)
+
+
+def test_lanczos_on_mlp_matches_eigvalsh():
+    model = mlp().eval()
+    batches = [data(40, (10,))]
+    exact = torch.linalg.eigvalsh(dense_hessian(model, batches)).flip(0)[:3].numpy()
+    op = HessianOperator(model, batches)
+    res = lanczos_top_eigs(op, op.dim, k=3, max_steps=100, tol=1e-9, dtype=F64)
+    np.testing.assert_allclose(res.values, exact, rtol=1e-6)
+    assert op.hvp_count == res.hvps
+
+
+# --- C. trace ------------------------------------------------------------------------------------
+
+def test_hutchinson_diagonal_exact_with_one_probe():
+    d = torch.linspace(-3, 7, 100, dtype=F64)
+    t = hutchinson_trace(lambda v: d * v, 100, n_probes=1, dtype=F64)
+    assert t.mean == pytest.approx(float(d.sum()), abs=1e-12)
+
+
+def test_hutchinson_dense_within_four_sigma_and_standard_error():
+    a = designed(np.random.default_rng(1).normal(1.0, 2.0, 150), seed=1)
+    n = 400
+    t = hutchinson_trace(lambda v: a @ v, 150, n_probes=n, seed=3, dtype=F64)
+    sigma = float(torch.sqrt(2 * (torch.sum(a**2) - torch.sum(torch.diag(a) ** 2)) / n))
+    assert abs(t.mean - float(torch.trace(a))) <= 4 * sigma
+    assert t.std_err == pytest.approx(sigma, rel=0.3)
+
+
+def test_hutchinson_mlp_exact_trace():
+    model = mlp().eval()
+    batches = [data(40, (10,))]
+    h = dense_hessian(model, batches)
+    op = HessianOperator(model, batches)
+    t = hutchinson_trace(op, op.dim, n_probes=300, seed=0, dtype=F64)
+    sigma = float(torch.sqrt(2 * (torch.sum(h**2) - torch.sum(torch.diag(h) ** 2)) / 300))
+    assert abs(t.mean - float(torch.trace(h))) <= 4 * sigma
+
+
+# --- D. SLQ --------------------------------------------------------------------------------------
+
+def test_slq_full_dimension_recovers_spectrum():
+    eigs = np.linspace(-2, 6, 40)
+    a = designed(eigs)
+    d = slq_density(lambda v: a @ v, 40, steps=60, n_runs=1, dtype=F64)
+    nodes, w = d.nodes[0], d.weights[0]
+    assert w.sum() == pytest.approx(1.0, abs=1e-12)
+    kept = nodes[w > 1e-10]
+    assert np.max(np.min(np.abs(kept[:, None] - eigs[None, :]), axis=1)) < 1e-8
+
+
+def test_slq_moment_identities():
+    a = designed(np.random.default_rng(2).normal(size=60), seed=2)
+    v = torch.randn(60, dtype=F64)
+    run = lanczos(lambda u: a @ u, v, 20)
+    theta, s = run.ritz()
+    w = s[0] ** 2
+    u = v / torch.linalg.norm(v)
+    assert np.sum(w * theta) == pytest.approx(float(u @ a @ u), abs=1e-10)
+    assert np.sum(w * theta**2) == pytest.approx(float(torch.sum((a @ u) ** 2)), abs=1e-10)
+
+
+def test_slq_mean_and_std_estimates():
+    eigs = np.random.default_rng(3).normal(0.5, 1.5, 1000)
+    a = designed(eigs, seed=3)
+    d = slq_density(lambda v: a @ v, 1000, steps=60, n_runs=10, seed=1, dtype=F64)
+    a_np = a.numpy()
+    sigma = np.sqrt(2 * (np.sum(a_np**2) - np.sum(np.diag(a_np) ** 2)) / 10) / 1000
+    assert abs(d.mean - eigs.mean()) <= 4 * sigma
+    assert d.std == pytest.approx(eigs.std(), rel=0.1)
+    assert d.hvps == 600
+
+
+def test_slq_median_between_clusters_and_invariant_subspace():
+    rng = np.random.default_rng(4)
+    eigs = np.r_[rng.uniform(-0.01, 0.01, 140), rng.uniform(4.99, 5.01, 60)]
+    d = slq_density(lambda v, a=designed(eigs): a @ v, 200, steps=40, n_runs=10, dtype=F64)
+    theta, w = np.concatenate(d.nodes), np.concatenate(d.weights) / 10
+    assert np.sum(w[theta < 2.5]) == pytest.approx(0.70, abs=0.05)
+    assert abs(d.median) < 0.5
+    two = designed(np.r_[np.full(30, 1.0), np.full(20, 3.0)])
+    run = lanczos(lambda v: two @ v, torch.randn(50, dtype=F64), 30)
+    assert len(run.alphas) == 2 and run.betas[-1] < 1e-9
+
+
+def test_smoothed_density_normalised_with_right_mean():
+    d = slq_density(lambda v, a=designed(np.linspace(-1, 4, 80)): a @ v, 80, steps=30, n_runs=3, dtype=F64)
+    grid, dens = d.curve()
+    step = grid[1] - grid[0]
+    assert np.sum(dens) * step == pytest.approx(1.0, abs=1e-3)
+    assert np.sum(grid * dens) * step == pytest.approx(d.mean, abs=step)
+
+
+# --- compute_sharpness on real timm models -----------------------------------------------------
+
+@pytest.mark.parametrize("backbone,size", [("test_resnet", 16), ("test_vit", 32)])
+def test_compute_sharpness_restores_model_and_logs_counts(backbone, size, tmp_path):
+    from medgcsam.models.factory import create_model
+
+    torch.manual_seed(0)
+    model = create_model(backbone, 3, image_size=size)
+    model.train()
+    dataset = torch.utils.data.TensorDataset(torch.randn(6, 3, size, size), torch.randint(0, 3, (6,)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = SharpnessConfig(n_samples=4, batch_size=2, top_k=2, lanczos_steps=6, trace_probes=2, density_probes=1,
+                          density_steps=4)
+    m = compute_sharpness(model, dataset, cfg, "cpu", tmp_path)
+    assert model.training and all(mod.training for mod in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert m["hessian_n_samples"] == 4 and m["hessian_n_params"] == sum(p.numel() for p in model.parameters())
+    assert m["hessian_top_eig"] >= m["hessian_top_eig_2"]
+    assert 2 + 2 + 1 <= m["hessian_hvp_count"] <= 6 + 2 + 4
+    assert np.isfinite([m["hessian_trace"], m["hessian_esd_std"], m["hessian_wall_s"]]).all()
+    assert {p.name for p in tmp_path.iterdir()} >= {"sharpness.json", "esd.npz", "esd_density.png"}
+
+
+def test_compute_sharpness_seeded_and_matches_solvers():
+    model = conv_bn()
+    x, y = data(10, (2, 6, 6))
+    dataset = torch.utils.data.TensorDataset(x, y)
+    cfg = SharpnessConfig(n_samples=10, batch_size=4, top_k=1, lanczos_steps=40, tol=1e-8, trace_probes=4,
+                          density_probes=2, density_steps=5)
+    first = compute_sharpness(model, dataset, cfg)
+    again = compute_sharpness(model, dataset, cfg)
+    for key in ("hessian_top_eig", "hessian_trace", "hessian_esd_mean", "hessian_esd_median"):
+        assert again[key] == first[key], key
+    exact = torch.linalg.eigvalsh(dense_hessian(model.eval(), [(x, y)]))
+    assert first["hessian_top_eig"] == pytest.approx(float(exact[-1]), rel=1e-6)
+    # the smallest Ritz value is an upper bound of the smallest eigenvalue (not certified by the stop rule)
+    assert float(exact[0]) - 1e-10 <= first["hessian_min_eig"] <= float(exact[0]) * (1 - 1e-2)
+    power = compute_sharpness(model, dataset, cfg.model_copy(update={"method": "power", "tol": 1e-3, "trace_probes": 1,
+                                                                     "density_probes": 1, "density_steps": 2}))
+    assert power["hessian_top_eig"] == pytest.approx(float(exact[-1]), rel=1e-2)
