@@ -49,7 +49,7 @@ class SharpnessAware(WrappedOptimizer):
                     all_reduce_mean_(g0)
         sq_raw, sq_dir = self._direction_norms(active)
         self.flag_overflow(sq_raw)
-        self._record_stats(sq_raw, sq_dir)
+        self._record_stats(sq_raw)
         norm = sq_dir.sqrt()
         inv = torch.where(torch.isfinite(norm), (norm + self.hp["eps"]).reciprocal(), 0.0)
         for bucket, idx in active:
@@ -97,7 +97,7 @@ class SharpnessAware(WrappedOptimizer):
             total = total + sq_norm(ts, self.acc_dtype, self.device)
         return total
 
-    def _record_stats(self, sq_raw: Tensor, sq_dir: Tensor) -> None:
+    def _record_stats(self, sq_raw: Tensor) -> None:
         inv = self.inv_grad_scale()
         raw = sq_raw.sqrt() if inv is None else sq_raw.sqrt() * inv
         self.stats["grad_norm"].copy_(raw)
@@ -200,23 +200,18 @@ class GCSAM(SharpnessAware):
         if self.hp["gc_placement"] == "descent":
             self._sq_gc = self._sum_sq(active)  # no GC on the first pass: the ascent is SAM's
             return self._sq_gc, self._sq_gc
-        # centralize in place (g <- g - c), then one multi-tensor norm gives ||GC(g)||; the raw norm follows
-        # per slice from ||g||^2 = ||g - c||^2 + n (2 c mean - c^2) without another read of g
-        correction = self._scalar(0.0)
+        # one multi-tensor norm before and one after centralizing in place: per tensor only a mean and a sub
+        sq_raw = self._sum_sq(active)
         for _, idx in active:
             for i in idx:
                 if self.gc[i]:
                     g = self.params[i].grad
-                    mean = g.mean(dim=slice_dims(g), keepdim=True)
-                    center = self._center("ascent", i, mean)
-                    g.sub_(center)
-                    correction = correction + (center * (2 * mean - center)).sum().to(self.acc_dtype) * g[0].numel()
+                    g.sub_(self._center("ascent", i, g.mean(dim=slice_dims(g), keepdim=True)))
         self._sq_gc = self._sum_sq(active)
-        sq_raw = self._sq_gc + correction
         return sq_raw, (self._sq_gc if self.hp["perturbation_norm"] == "gc" else sq_raw)
 
-    def _record_stats(self, sq_raw: Tensor, sq_dir: Tensor) -> None:
-        super()._record_stats(sq_raw, sq_dir)
+    def _record_stats(self, sq_raw: Tensor) -> None:
+        super()._record_stats(sq_raw)
         inv = self.inv_grad_scale()
         gc_norm = self._sq_gc.sqrt()
         self.stats["grad_norm_gc"].copy_(gc_norm if inv is None else gc_norm * inv)
