@@ -117,9 +117,9 @@ def dicom_test_file(name: str) -> Path:
 
 def write_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2",
                 window: tuple[float, float] | None = None, slope: float = 1.0, intercept: float = 0.0,
-                patient_name: str = "Doe^Jane", patient_id: str = "PID-12345") -> Path:
+                patient_name: str = "Doe^Jane", patient_id: str = "PID-12345", **attributes) -> Path:
     """Uncompressed 16-bit grey DICOM from (H, W) or (F, H, W) integer pixels, with patient identifiers set
-    (so tests can check that none of them leave the reader)."""
+    (so tests can check that none of them leave the reader). ``attributes`` are set on the dataset last."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -141,6 +141,8 @@ def write_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROM
     if window is not None:
         ds.WindowCenter, ds.WindowWidth = window
     ds.PixelData = arr.tobytes()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path

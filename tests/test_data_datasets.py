@@ -120,6 +120,19 @@ def test_cache_matches_uncached_pipeline(manifest, tmp_path, cache):
         torch.testing.assert_close(cached[i]["image"], plain[i]["image"], atol=0.51 / 255 / min(RGB.std), rtol=0)
 
 
+def test_albumentations_backend_augments_cached_uint8(manifest):
+    cfg = _cfg(manifest, cache="memory", aug_backend="albumentations")
+    ds = build_datasets(cfg, GREY).train
+    ds.warm_cache()
+    ds.augment.set_random_state(0)
+    plain = ds.without_augmentation()
+    outs = [ds[i]["image"] for i in range(8)]
+    assert all(o.dtype == torch.float32 and o.shape == (1, 32, 32) for o in outs)
+    lo, hi = (0 - GREY.mean[0]) / GREY.std[0], (1 - GREY.mean[0]) / GREY.std[0]
+    assert all(lo - 1e-5 <= o.min() and o.max() <= hi + 1e-5 for o in outs)
+    assert sum(not torch.allclose(o, plain[i]["image"]) for i, o in enumerate(outs)) >= 3
+
+
 def test_disk_cache_is_keyed_by_transform_config(manifest, tmp_path):
     a = build_datasets(_cfg(manifest, cache="disk", cache_dir=tmp_path), RGB).train
     b = build_datasets(_cfg(manifest, cache="disk", cache_dir=tmp_path), InputSpec(48, 3, RGB.mean, RGB.std)).train

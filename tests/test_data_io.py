@@ -23,7 +23,7 @@ def test_8bit_formats_share_one_chw_convention(tmp_path, fmt, channels):
     path = write_image(tmp_path / f"img.{fmt}", pixels, fmt)
     arr = read_image(path)
     assert arr.dtype == np.float32 and arr.shape == (channels, 30, 50)
-    assert 0.0 <= arr.min() and arr.max() <= 1.0
+    assert arr.min() >= 0.0 and arr.max() <= 1.0
     tolerance = 3 / 255 if fmt == "jpeg" else 1e-6  # JPEG is lossy
     assert np.abs(arr[0] - pixels / 255.0).mean() < tolerance
 
@@ -96,6 +96,22 @@ def test_monochrome1_is_inverted(tmp_path):
     assert m1[0, 0, 0] > m1[0, 0, -1]  # low stored values are bright in MONOCHROME1
 
 
+def test_voi_lut_sequence_wins_over_window_and_inverse_presentation(tmp_path):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ramp = np.tile(np.arange(0, 4096, 64, dtype=np.uint16), (4, 1))
+    lut = Dataset()
+    lut.LUTDescriptor = [4096, 0, 16]  # 4096 entries from stored value 0, 16-bit output
+    lut.LUTData = (65535 - np.arange(4096, dtype=np.uint16) * 16).tobytes()  # an inverting LUT
+    path = write_dicom(tmp_path / "lut.dcm", ramp, window=(100, 10), VOILUTSequence=Sequence([lut]))
+    arr = read_image(path)[0]
+    np.testing.assert_allclose(arr, (65535 - ramp.astype(float) * 16) / 65535.0, atol=1e-6)
+    inverse = read_image(write_dicom(tmp_path / "inv.dcm", ramp, window=(2048, 4096), PresentationLUTShape="INVERSE"))
+    plain = read_image(write_dicom(tmp_path / "plain.dcm", ramp, window=(2048, 4096)))
+    np.testing.assert_allclose(inverse, 1.0 - plain, atol=1e-6)
+
+
 def test_multiframe_policy(tmp_path):
     frames = np.stack([np.full((6, 6), v, dtype=np.uint16) for v in (100, 200, 300)])
     frames[:, 0, 0] = 0  # min-max needs some contrast inside each frame
@@ -111,7 +127,7 @@ def test_multiframe_policy(tmp_path):
 
 def test_colour_multiframe_dicom_gives_rgb():
     arr = read_image(dicom_test_file("SC_rgb_rle_2frame.dcm"))
-    assert arr.shape == (3, 100, 100) and 0.0 <= arr.min() and arr.max() <= 1.0
+    assert arr.shape == (3, 100, 100) and arr.min() >= 0.0 and arr.max() <= 1.0
 
 
 def test_jpeg2000_dicom_decodes_with_bundled_pillow():

@@ -3,7 +3,8 @@
 Run from the repository root with the BUSI copy at ../shared/data/busi (or pass another path):
 
     python data_manifests/samples/make_busi_mini.py ../shared/data/busi
-    python -m medgcsam manifest build --format busi data_manifests/samples/busi_mini -o data_manifests/samples/busi_mini.csv
+    python -m medgcsam manifest build --format busi data_manifests/samples/busi_mini \
+        -o data_manifests/samples/busi_mini.csv
     python -m medgcsam manifest split data_manifests/samples/busi_mini.csv --seed 0
 
 ``malignant (145).png`` is skipped: it is byte-identical to ``benign (433).png`` (label leakage).

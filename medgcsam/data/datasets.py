@@ -64,6 +64,7 @@ class ManifestDataset(Dataset):
         lookup = {c: i for i, c in enumerate(self.class_names)}
         self.labels = torch.tensor([lookup[c] for c in self.frame["label"]], dtype=torch.int64)
         self.deterministic = deterministic_transforms(spec, modality, normalize=False, multiframe=multiframe)
+        self.backend = backend
         self.augment = random_transforms(spec, modality, backend) if augment else None
         self.normalize = normalize_transform(spec)
         self.config_hash = hashlib.sha256(
@@ -122,9 +123,13 @@ class ManifestDataset(Dataset):
 
     # -- item ---------------------------------------------------------------------------------------
     def __getitem__(self, index: int) -> dict:
-        item = {"image": self.preprocessed(index).float().div_(255.0)}
-        if self.augment is not None:
-            item = self.augment(item)
+        image = self.preprocessed(index)
+        if self.augment is not None and self.backend == "albumentations":
+            item = self.augment({"image": image})  # OpenCV works on the cached uint8 directly
+        else:
+            item = {"image": image.float().div_(255.0)}
+            if self.augment is not None:
+                item = self.augment(item)
         item = self.normalize(item)
         return {"image": item["image"], "label": self.labels[index], "index": index}
 

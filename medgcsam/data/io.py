@@ -171,7 +171,8 @@ def _dicom_display(arr: np.ndarray, ds) -> np.ndarray:
     out = apply_modality_lut(arr, ds).astype(np.float64)
     if "VOILUTSequence" in ds:
         lut_bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        out = apply_voi_lut(out, ds, prefer_lut=True) / float(2**lut_bits - 1)
+        # a LUT is indexed by integer input values; the modality LUT may have produced floats
+        out = apply_voi_lut(np.rint(out).astype(np.int64), ds, prefer_lut=True) / float(2**lut_bits - 1)
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         out = _window(out, _first(ds.WindowCenter), _first(ds.WindowWidth), str(ds.get("VOILUTFunction", "LINEAR")))
     else:

@@ -1,0 +1,48 @@
+"""The shipped BUSI sample and manifest stay consistent; the full BUSI check runs opt-in on real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from medgcsam.data.builders import build_manifest
+from medgcsam.data.manifest import read_manifest
+from medgcsam.data.split import split_manifest
+from medgcsam.data.validate import validate_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "data_manifests" / "samples"
+BUSI = Path(os.environ.get("MEDGCSAM_BUSI", REPO.parent / "shared" / "data" / "busi"))
+
+
+def test_busi_mini_is_small_valid_and_rebuildable():
+    manifest = SAMPLES / "busi_mini.csv"
+    size = sum(p.stat().st_size for p in (SAMPLES / "busi_mini").rglob("*") if p.is_file())
+    assert size + manifest.stat().st_size < 1_000_000
+    report = validate_manifest(manifest, task="bus_3class")
+    assert report.ok, report.render()
+    shipped = read_manifest(manifest)
+    rebuilt = build_manifest("busi", SAMPLES / "busi_mini").frame
+    assert sorted(zip(rebuilt["path"], rebuilt["label"], rebuilt["sha256"], strict=True)) == sorted(
+        zip(shipped["path"].str.removeprefix("busi_mini/"), shipped["label"], shipped["sha256"], strict=True))
+    assert set(shipped["split"]) == {"train", "test"} and sorted(set(shipped["fold"])) == [-1, 0, 1, 2, 3, 4]
+    assert not {"benign (433).png", "malignant (145).png"} & {Path(p).name for p in shipped["path"]}
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(os.environ.get("MEDGCSAM_REAL_DATA") != "1" or not BUSI.is_dir(),
+                    reason="opt-in: MEDGCSAM_REAL_DATA=1 with BUSI at ../shared/data/busi")
+def test_real_busi_build_split_validate():
+    df = build_manifest("busi", BUSI).frame
+    assert len(df) == 780 and df["label"].value_counts().to_dict() == {"benign": 437, "malignant": 210, "normal": 133}
+    df = split_manifest(df, BUSI, seed=0)
+    assert (df.groupby("group")["split"].nunique() == 1).all()
+    pair = df[df["path"].isin(["benign/benign (433).png", "malignant/malignant (145).png"])]
+    assert pair["sha256"].nunique() == 1 and pair["split"].nunique() == 1
+    committed = read_manifest(REPO / "data_manifests" / "busi.csv")
+    report = validate_manifest(REPO / "data_manifests" / "busi.csv", root=BUSI, task="bus_3class")
+    codes = [i.code for i in report.errors]
+    assert codes.count("duplicate-conflicting-labels") == 1 and "duplicate-across-splits" not in codes
+    assert "patient-across-splits" not in codes and "missing-file" not in codes and len(committed) == 780
