@@ -23,10 +23,9 @@ from monai.transforms import (
     EnsureTyped,
     MapTransform,
     RandAdjustContrastd,
+    RandAffined,
     RandFlipd,
     Randomizable,
-    RandRotated,
-    RandZoomd,
     Resize,
     SpatialPad,
 )
@@ -246,12 +245,13 @@ def random_transforms(spec: InputSpecLike, modality: str = "generic", backend: s
     steps: list[Callable] = []
     if recipe.hflip:
         steps.append(RandFlipd(keys, prob=recipe.hflip, spatial_axis=1))  # axis 1 of (H, W) = left/right
-    if recipe.rotate_p:
-        rad = float(np.deg2rad(recipe.rotate_deg))
-        steps.append(RandRotated(keys, range_x=rad, prob=recipe.rotate_p, keep_size=True, padding_mode="zeros"))
-    if recipe.zoom_p:
-        steps.append(RandZoomd(keys, prob=recipe.zoom_p, min_zoom=recipe.zoom[0], max_zoom=recipe.zoom[1],
-                               keep_size=True, padding_mode="constant"))
+    if recipe.rotate_p or recipe.zoom_p:
+        # One resampling for rotation and zoom together (as the albumentations recipe does): half the cost of two.
+        steps.append(RandAffined(keys, prob=max(recipe.rotate_p, recipe.zoom_p),
+                                 rotate_range=float(np.deg2rad(recipe.rotate_deg)),
+                                 scale_range=max(1.0 - recipe.zoom[0], recipe.zoom[1] - 1.0),
+                                 padding_mode="zeros", mode="bilinear",
+                                 spatial_size=(spec.image_size, spec.image_size), cache_grid=True))
     if recipe.gamma_p:
         steps.append(RandAdjustContrastd(keys, prob=recipe.gamma_p, gamma=recipe.gamma))
     steps.append(EnsureTyped(keys, data_type="tensor", dtype=torch.float32, track_meta=False))
