@@ -158,3 +158,27 @@ def test_cli_evaluate_sharpness_landscape_on_checkpoint(setup, tmp_path):
 
     res = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "missing.pt"), "--pipeline", str(pipeline)])
     assert res.exit_code == 2 and "missing.pt" in res.output
+
+
+def test_cli_evaluate_registered_model_stores_threshold_in_new_version(setup, tmp_path):
+    from medgcsam.inference.package import load_classifier, log_classifier
+
+    root, raw, _, model, spec = setup
+    raw = {**raw, "tracking": {**raw["tracking"], "uri": f"sqlite:///{tmp_path / 'reg.db'}"}}
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    mlflow.set_tracking_uri(raw["tracking"]["uri"])
+    mlflow.set_registry_uri(raw["tracking"]["uri"])
+    exp = mlflow.set_experiment("evaltest-registry")
+    with mlflow.start_run(experiment_id=exp.experiment_id) as run:
+        log_classifier(model, spec, registered_model_name="evaltest-model", alias="champion")
+    res = CliRunner().invoke(app, ["evaluate", "--model", "models:/evaltest-model@champion", "--pipeline",
+                                   str(pipeline), "--output", str(tmp_path / "ev"), "--split", "test",
+                                   "--set", "evaluation.bootstrap=20"])
+    assert res.exit_code == 0, res.output
+    client = MlflowClient()
+    assert int(client.get_model_version_by_alias("evaltest-model", "champion").version) == 2
+    _, new_spec = load_classifier("models:/evaltest-model@champion")
+    assert new_spec.threshold is not None and new_spec.threshold.positive_class == "malignant"
+    # the figures went to the run that trained (logged) the model
+    assert "test/accuracy" in client.get_run(run.info.run_id).data.metrics

@@ -29,7 +29,6 @@ from medgcsam.evaluation.metrics import (
     binary_counts,
     bootstrap_ci,
     confusion,
-    expected_calibration_error,
     headline,
     per_class,
     row_normalise,
@@ -96,6 +95,7 @@ def _score_split(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.DataFra
     cm = confusion(y, probs.argmax(axis=1), len(classes))
     groups = _groups(frame)
     point = headline(probs, y, classes, cfg.ece_bins, op)
+    after = headline(calibrated, y, classes, cfg.ece_bins)
     ci = bootstrap_ci(lambda idx: headline(probs[idx], y[idx], classes, cfg.ece_bins, op), len(y), groups=groups,
                       n_resamples=cfg.bootstrap, seed=seed) if cfg.bootstrap > 0 else {}
     out: dict[str, Any] = {
@@ -107,9 +107,8 @@ def _score_split(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.DataFra
         "ci95": {k: {"low": v.low, "high": v.high, "n_valid": v.n_valid} for k, v in ci.items()},
         "per_class": per_class(cm, classes),
         "confusion": {"counts": cm.tolist(), "row_normalised": row_normalise(cm).tolist()},
-        "calibration": {"ece": point["ece"], "ece_calibrated": expected_calibration_error(calibrated, y, cfg.ece_bins),
-                        "brier_calibrated": headline(calibrated, y, classes, cfg.ece_bins)["brier"],
-                        "nll_calibrated": headline(calibrated, y, classes, cfg.ece_bins)["nll"]},
+        "calibration": {"temperature": temperature, "ece": point["ece"], "ece_calibrated": after["ece"],
+                        "brier_calibrated": after["brier"], "nll_calibrated": after["nll"]},
     }
     if op is not None:
         out["operating_point"] = binary_counts(probs[:, op[0]] >= op[1], y == op[0])

@@ -19,10 +19,12 @@ def confusion_figure(cm: np.ndarray, class_names: Sequence[str], title: str) -> 
     """Counts and row-normalised matrix side by side."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
     for ax, mat, fmt, name in ((axes[0], cm, "d", "counts"), (axes[1], row_normalise(cm), ".2f", "row-normalised")):
-        ax.imshow(np.nan_to_num(mat / max(mat.max(), 1) if fmt == "d" else mat), cmap="Blues", vmin=0, vmax=1)
+        shade = np.nan_to_num(mat / max(mat.max(), 1) if fmt == "d" else mat)
+        ax.imshow(shade, cmap="Blues", vmin=0, vmax=1)
         for i in range(len(class_names)):
             for j in range(len(class_names)):
-                ax.text(j, i, format(mat[i, j], fmt), ha="center", va="center", fontsize=9)
+                ax.text(j, i, format(mat[i, j], fmt), ha="center", va="center", fontsize=9,
+                        color="white" if shade[i, j] > 0.6 else "black")
         ax.set_xticks(range(len(class_names)), class_names, rotation=30)
         ax.set_yticks(range(len(class_names)), class_names)
         ax.set_xlabel("predicted")

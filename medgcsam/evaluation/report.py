@@ -53,7 +53,7 @@ def _split_section(name: str, fig: dict[str, Any], classes: list[str], threshold
     if fig.get("by_source"):
         lines += ["", "### By data source", "", "| source | images | accuracy | balanced accuracy | AUROC macro"
                   + (" | op sensitivity (TP/P) | op specificity (TN/N) |" if threshold else " |"),
-                  "|---" * (6 if threshold else 4) + "|"]
+                  "|---" * (7 if threshold else 5) + "|"]
         for source, s in fig["by_source"].items():
             row = f"| {source} | {s['n_images']} | {_num(s['accuracy'])} | {_num(s['balanced_accuracy'])} | " \
                   f"{_num(s['auroc_macro'])} |"

@@ -102,11 +102,13 @@ class HessianOperator:
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a flat vector ``v`` of length ``dim``."""
         parts = self.split(v.to(self.dtype))
-        out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        out: torch.Tensor | None = None
         with exact_numerics():
             for x, y in self.batches:
                 hv = self._hvp_rev(x, y, parts) if self.method == "rev" else self._hvp_fwd(x, y, parts)
-                out.add_(torch.cat([h.reshape(-1) for h in hv]), alpha=len(y) / self.total)
+                flat = torch.cat([h.reshape(-1) for h in hv])
+                weight = len(y) / self.total
+                out = (flat if weight == 1 else flat.mul_(weight)) if out is None else out.add_(flat, alpha=weight)
         self.hvp_count += 1
         return out
 
