@@ -1,5 +1,6 @@
 """Two-process gloo DDP through the same ``train()`` that ``torchrun -m medgcsam train`` calls: GCSAM's
-first pass runs under ``no_sync``, the second is all-reduced, so the replicas must stay identical."""
+first pass runs under ``no_sync``, the second is all-reduced, so the replicas must stay identical
+(also across the switch from a warm-start epoch of the base optimizer)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ def _worker(rank: int, world: int, port: int, raw: dict, out: str) -> None:
 
 def test_two_process_gloo_run_keeps_replicas_identical(tmp_path):
     images = write_image_folder(tmp_path / "images")
-    raw = tiny_config(images, tmp_path / "out", "ddp", "gcsam", epochs=2)
-    raw["train"]["early_stopping_patience"] = None
+    # epoch 1: Adam warm start (its single pass must be all-reduced); epoch 2: GCSAM, pass 1 under no_sync
+    raw = tiny_config(images, tmp_path / "out", "ddp", "gcsam", epochs=2, warm_start_epochs=1)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -97,7 +97,7 @@ def test_run_metrics_and_registered_model_on_a_real_server(server, images, tmp_p
     assert len(run.data.params["git_commit"]) >= 7 and run.data.params["version.torch"] == torch.__version__
     epochs = sorted(m.step for m in client.get_metric_history(result.run_id, "val/loss") if m.step > 0)
     assert epochs == [1, 2]  # per-epoch validation (the end-of-training evaluation logs at step 0)
-    assert "val/sensitivity/malignant" in run.data.metrics and "test/auroc" in run.data.metrics
+    assert "val/sensitivity/malignant" in run.data.metrics and "test/auroc_macro" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "training")}
     assert {"training/curves.png", "training/grad_norm.png", "training/grad_norm_trace.csv"} <= artifacts
 

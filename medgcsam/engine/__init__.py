@@ -1,6 +1,21 @@
-"""The training engine: ``train(cfg)`` runs a pipeline end to end; ``medgcsam train`` is its CLI."""
+"""The training engine: ``train(cfg)`` runs a pipeline end to end; ``medgcsam train`` is its CLI.
 
-from medgcsam.engine.checkpoint import load_checkpoint, save_checkpoint
-from medgcsam.engine.trainer import TrainResult, run_dir, train
+Names are loaded on first use so ``medgcsam.engine.step`` (the bare train step, used by benchmarks
+on machines without MLflow) and the CLI's startup do not pull in the tracking stack.
+"""
 
-__all__ = ["TrainResult", "load_checkpoint", "run_dir", "save_checkpoint", "train"]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {"TrainResult": "trainer", "run_dir": "trainer", "train": "trainer",
+            "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -187,7 +187,6 @@ class _Training:
             grad_scaler=self.scaler, max_grad_norm=cfg.train.grad_clip,
             accumulation_steps=cfg.train.accumulation_steps, lr=ocfg.lr, weight_decay=ocfg.weight_decay,
             **ocfg.hyperparameters)
-        self.no_sync = self.opt.no_sync_passes(cfg.train.ddp_perturbation) if self.ctx.enabled else frozenset()
         self.steps_per_epoch = len(self.train_loader)
         if cfg.train.max_steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
@@ -311,7 +310,11 @@ class _Training:
     def _train_epoch(self, pending_rng: dict[str, Any] | None, meter_state: dict[str, Any] | None) -> TrainMeter:
         cfg = self.cfg.train
         self.model.train()
-        self.opt.base_only = self.epoch < cfg.warm_start_epochs
+        warm = self.epoch < cfg.warm_start_epochs
+        if self.opt.base_only != warm:  # set only on change: accumulation may span an epoch boundary
+            self.opt.base_only = warm
+        # recomputed per epoch: a warm-start (single-pass) epoch must all-reduce its only pass
+        self.no_sync = self.opt.no_sync_passes(cfg.ddp_perturbation) if self.ctx.enabled else frozenset()
         self._seed_epoch(self.epoch)
         meter = TrainMeter(self.device, self.steps_per_epoch)
         if meter_state:
@@ -490,6 +493,8 @@ class _Training:
             status = "KILLED"
             raise
         finally:
+            if self.metrics_log is not None and self.metrics_log.pending:  # a failed run keeps its curves too
+                self.metrics_log.close(retry_for_s=cfg.tracking.connect_timeout_s)
             if self.ctx.is_main and mlflow.active_run() is not None:
                 with fail_fast_http(cfg.tracking.connect_timeout_s), contextlib.suppress(Exception):
                     mlflow.end_run(status)
