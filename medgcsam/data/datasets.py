@@ -229,7 +229,10 @@ def seed_worker(worker_id: int) -> None:
 
 def build_loaders(bundle: DataBundle, cfg: DataConfig, *, distributed: bool = False,
                   seed: int = 0) -> dict[str, DataLoader]:
-    """DataLoaders per split; train drops the last partial batch so every step has the same shape."""
+    """DataLoaders per split; train drops the last partial batch so every step has the same shape.
+
+    Workers are not persistent: each epoch's workers take their seeds from the loader's generator, which
+    the engine reseeds per epoch, so augmentation is reproducible across a mid-run resume."""
     loaders: dict[str, DataLoader] = {}
     for name, ds in bundle.splits().items():
         train = name == "train"
@@ -243,7 +246,7 @@ def build_loaders(bundle: DataBundle, cfg: DataConfig, *, distributed: bool = Fa
         loaders[name] = DataLoader(
             ds, batch_size=batch, shuffle=train and sampler is None, sampler=sampler, drop_last=train,
             num_workers=cfg.num_workers, worker_init_fn=seed_worker if cfg.num_workers else None,
-            generator=torch.Generator().manual_seed(seed), persistent_workers=cfg.num_workers > 0,
+            generator=torch.Generator().manual_seed(seed), persistent_workers=False,
             pin_memory=torch.cuda.is_available())
     return loaders
 

@@ -6,6 +6,7 @@ An unreachable server must stop the run before any data is read or any model is 
 
 from __future__ import annotations
 
+import os
 import threading
 import urllib.error
 import urllib.request
@@ -23,8 +24,9 @@ class TrackingError(RuntimeError):
 
 
 def resolve_tracking_uri(cfg: PipelineConfig, override: str | None = None) -> str:
-    """``override`` > ``tracking.uri`` > ``sqlite:///<output_dir>/mlflow.db`` (absolute, so cwd never matters)."""
-    uri = override or cfg.tracking.uri
+    """``override`` > ``tracking.uri`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<output_dir>/mlflow.db``
+    (absolute, so cwd never matters)."""
+    uri = override or cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
     return f"sqlite:///{(Path(cfg.output_dir) / 'mlflow.db').resolve()}"
