@@ -60,7 +60,7 @@ def out(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
-@pytest.mark.parametrize(("optimizer", "passes"), [("adam", 1), ("gcsam", 2), ("crsam", 3)])
+@pytest.mark.parametrize(("optimizer", "passes"), [("adam", 1), ("msam", 1), ("gcsam", 2), ("crsam", 3)])
 def test_short_run_each_pass_count(images, out, optimizer, passes):
     cfg = PipelineConfig.model_validate(tiny_config(images, out, f"short-{optimizer}", optimizer))
     train_forwards = []

@@ -213,10 +213,11 @@ class _Training:
 
     # ------------------------------------------------------------------ checkpoints
     def _payload(self, meter: TrainMeter | None) -> dict[str, Any]:
-        with self.opt.unperturbed():
+        with self.opt.unperturbed():  # MSAM: weights and optimizer state both at the clean point
             model_state = {k: v.detach().clone() for k, v in self.raw.state_dict().items()}
+            optimizer_state = self.opt.state_dict()
         return {
-            "model": model_state, "optimizer": self.opt.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "model": model_state, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {}, "rng": ckpt_io.capture_rng(),
             "epoch": self.epoch, "step": self.step_in_epoch, "global_step": self.global_step,
             "config": self.cfg.model_dump_json(), "config_sha256": self.cfg.sha256(),
