@@ -6,7 +6,7 @@
 #       predict --model models:/bus-classifier@champion --input /data --output /mlflow/predictions/run1.csv
 #
 # The base image's torch/torchvision must equal the pins in pyproject.toml (2.14.1 / 0.29.1); pip
-# then keeps them and installs the rest with the same pins and the same command as docs/container.md.
+# then keeps them and installs the rest pinned by constraints.txt, with the command of docs/container.md.
 # Not built on the development machines (no Docker engine there): see docs/container.md.
 ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 FROM ${BASE_IMAGE}
@@ -28,14 +28,15 @@ RUN groupadd --gid 10001 medgcsam \
     && chown medgcsam:medgcsam /data /weights /mlflow
 
 WORKDIR /opt/medgcsam
-COPY pyproject.toml README.md ./
+COPY pyproject.toml constraints.txt README.md ./
 COPY medgcsam ./medgcsam
 COPY pipelines ./pipelines
-# Same install command as docs/container.md (non-editable here, because the source does not change).
-RUN python -m pip install ".[dicom,server]" \
+# Same install command as docs/container.md (non-editable here, because the source does not change);
+# constraints.txt holds the exact versions the test suite ran with.
+RUN python -m pip install -c constraints.txt ".[dicom,server]" \
     && python -c "import medgcsam.cli, torch; assert torch.__version__.split('+')[0] == '2.14.1', torch.__version__"
 
-USER medgcsam
+USER 10001:10001
 WORKDIR /mlflow
 VOLUME ["/data", "/weights", "/mlflow"]
 ENTRYPOINT ["medgcsam"]

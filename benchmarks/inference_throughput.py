@@ -74,7 +74,8 @@ def main() -> None:
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} cpus"
     print(f"device={device} ({hardware})"
           f" backbone={args.backbone} size={args.image_size} batch={args.batch_size} workers={args.num_workers}"
-          f" amp={args.amp} torch_threads={torch.get_num_threads()} images={len(paths)}")
+          f" amp={args.amp} torch_threads={torch.get_num_threads()} images={len(paths)}"
+          f" load_avg_1m={os.getloadavg()[0]:.1f} (other processes share these cores)")
     print(f"forward only (preloaded tensors): {forward_ips:8.1f} img/s   runs: {_fmt(forward)}")
     print(f"end to end (medgcsam predict):    {end_to_end:8.1f} img/s   runs: {_fmt(e2e)}")
     print(f"fraction of forward throughput:   {end_to_end / forward_ips:8.2f}   (target >= 0.70)")

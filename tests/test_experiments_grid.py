@@ -20,7 +20,7 @@ BASE = {
 
 
 def write(tmp_path: Path, exp: dict, base: dict | None = None) -> Path:
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base or BASE))
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({**(base or BASE), "output_dir": str(tmp_path / "out")}))
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(exp))
     return path
@@ -75,11 +75,11 @@ def test_selection_stages(tmp_path):
     cv = cv_cells(exp)
     assert len(cv) == (1 + 2) * 2 * 3  # (adam preset + 2 gcsam candidates) x seeds x folds
     assert {c.fold for c in cv} == {0, 1, 2}
-    assert all(c.extra["evaluation.splits"] == ["val"] for c in cv)  # the test split is never touched in CV
+    assert all(c.extra["evaluation.enabled"] is False for c in cv)  # the test split is never scored in CV
     final = final_cells(exp, {"adam": 0, "gcsam": 1})
     assert len(final) == 2 * 3
     gc = [c for c in final if c.method == "gcsam"]
-    assert all(c.settings["optimizer.rho"] == 0.2 and c.extra["data.val_fold"] is None for c in gc)
+    assert all(c.settings["optimizer.rho"] == 0.2 and c.extra["data.val_fold"] == 0 for c in gc)  # final_val_fold
     assert all(c.extra["train.epochs"] == 4 and c.extra["evaluation.splits"] == ["test"] for c in final)
 
 
@@ -93,7 +93,7 @@ def test_selection_stages(tmp_path):
         ({"seeds": [0, 0]}, "repeat a value"),
         ({"pipeline": {"data": {"manifest": "m.csv"}}}, "exactly one of 'base'"),
         ({"report": {"primary": "nope"}}, "report.primary"),
-        ({"selection": {"folds": 3}}, "cannot be combined"),
+        ({"selection": {"candidates": {"sam": [{"optimizer.rho": 0.2}]}}}, "either swept"),
     ],
 )
 def test_invalid_experiments_name_the_field(tmp_path, change, message):
@@ -114,3 +114,18 @@ def test_missing_base_and_bad_cell_pipeline(tmp_path):
 def test_experiment_overrides_from_the_command_line(tmp_path):
     exp, _ = load_experiment(write(tmp_path, sweep()), ["seeds=[7]"])
     assert {c.seed for c in grid_cells(exp)} == {7}
+
+
+def test_selection_per_backbone(tmp_path):
+    sel = {"name": "sel", "base": "base.yaml", "methods": ["adam", "sam"], "seeds": [0],
+           "grid": {"model.name": ["test_resnet", "test_vit"]},
+           "selection": {"folds": 2, "seeds": [0], "candidates": {"sam": [{}, {"optimizer.rho": 0.1}]}}}
+    exp, _ = load_experiment(write(tmp_path, sel))
+    cv = cv_cells(exp)
+    assert len(cv) == 2 * (1 + 2) * 2  # backbones x (adam + 2 sam candidates) x folds
+    chosen = {"adam {\"model.name\": \"test_resnet\"}": 0, "adam {\"model.name\": \"test_vit\"}": 0,
+              "sam {\"model.name\": \"test_resnet\"}": 1, "sam {\"model.name\": \"test_vit\"}": 0}
+    final = {(c.method, c.axes["model.name"]): c.settings for c in final_cells(exp, chosen)}
+    assert final[("sam", "test_resnet")]["optimizer.rho"] == 0.1
+    assert final[("sam", "test_vit")]["optimizer.rho"] == 0.05
+    assert final[("sam", "test_vit")]["model.name"] == "test_vit"

@@ -40,7 +40,7 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
-def write_experiment(tmp_path: Path, data_dir: Path, exp: dict) -> Path:
+def write_experiment(tmp_path: Path, data_dir: Path, exp: dict, **sections) -> Path:
     base = {
         "name": "tiny", "output_dir": str(tmp_path / "out"),
         "data": {"manifest": str(data_dir / "manifest.csv"), "image_size": 32, "channels": 1, "batch_size": 4,
@@ -50,6 +50,7 @@ def write_experiment(tmp_path: Path, data_dir: Path, exp: dict) -> Path:
         "train": {"epochs": 1, "max_steps_per_epoch": 2, "amp": "none", "warmup_epochs": 0},
         "tracking": {"log_model": False},
         "evaluation": {"bootstrap": 0, "positive_class": "malignant"},
+        **sections,
     }
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     path = tmp_path / "exp.yaml"
@@ -71,13 +72,14 @@ def test_worker_cell_resume_and_growth(tmp_path, data_dir):
     plan = ex.plan()
     assert list(ex.finished_runs()) == [plan[1].id]
 
-    summary = ex.run()  # the parent collects the worker's cell and trains only the other one
+    summary = ex.run(workers=2)  # collects the worker's cell; the other one trains in a spawned worker process
     assert summary.ran == [plan[0].id] and summary.skipped == [plan[1].id] and not summary.pending
     runs = children(ex)
     assert sorted(r.data.tags[TAG_CELL] for r in runs) == sorted(c.id for c in plan)
     assert all(r.info.status == "FINISHED" and "test/accuracy" in r.data.metrics for r in runs)
     assert {r.data.params["optimizer.name"] for r in runs} == {"adam", "gcsam"}
     assert ex.client.get_run(ex.parent_run_id()).info.status == "FINISHED"
+    assert not list((ex.output_dir / "cells").rglob("*.pt"))  # finished cells drop their checkpoints
     text = summary.report.read_text()
     assert "| adam | 1 |" in text and "| gcsam | 1 |" in text and "cells finished: 2 of 2" in text
 
@@ -92,8 +94,10 @@ def test_worker_cell_resume_and_growth(tmp_path, data_dir):
 def test_selection_protocol_end_to_end(tmp_path, data_dir):
     sel = {"folds": 2, "seeds": [0], "metric": "val/balanced_accuracy",
            "candidates": {"gcsam": [{"optimizer.rho": 0.05}, {"optimizer.rho": 0.5}]}}
-    path = write_experiment(tmp_path, data_dir, {"name": "sel", "methods": ["gcsam"], "seeds": [0],
-                                                 "selection": sel})
+    sharpness = {"enabled": True, "n_samples": 8, "batch_size": 8, "lanczos_steps": 3, "trace_probes": 1,
+                 "density_steps": 2, "tol": 0.1}
+    path = write_experiment(tmp_path, data_dir, {"name": "sel", "methods": ["gcsam"], "seeds": [0], "selection": sel,
+                                                 "report": {"landscape_points": 3}}, sharpness=sharpness)
     ex = Experiment(path)
     summary = ex.run()
     cv = cv_cells(ex.config)
@@ -112,10 +116,13 @@ def test_selection_protocol_end_to_end(tmp_path, data_dir):
     assert summary.chosen == {"gcsam": select(rows).index}
     final = [r for r in finished.values() if '"stage": "final"' in r.data.tags["medgcsam.cell"]]
     assert len(final) == 1 and "test/accuracy" in final[0].data.metrics
+    assert "hessian_top_eig" in final[0].data.metrics  # sharpness of the final model only, never in CV
+    assert not any("hessian_top_eig" in finished[c.id].data.metrics for c in cv)
     assert float(final[0].data.params["optimizer.rho"]) == (0.05, 0.5)[summary.chosen["gcsam"]]
     text = summary.report.read_text()
     assert "Cross-validated selection (2-fold" in text and "**yes**" in text
     assert (ex.output_dir / "report" / "selection.md").is_file()
+    assert "top Hessian eigenvalue" in text and (ex.output_dir / "report" / "loss_landscape.png").is_file()
 
 
 def test_bad_hyperparameter_fails_before_any_run(tmp_path, data_dir):

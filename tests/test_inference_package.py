@@ -53,7 +53,10 @@ def batch(n: int = 5) -> np.ndarray:
     return np.random.default_rng(1).random((n, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
 
 
-def test_registry_roundtrip_matches_in_memory_model(mlflow_store, trained):
+def test_registry_roundtrip_matches_in_memory_model(mlflow_store, trained, monkeypatch, tmp_path):
+    # As in the container: serving must never need to unpickle anything.
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    monkeypatch.setenv("MLFLOW_ALLOW_MODEL_CODE_EXECUTION", "false")
     spec = make_spec()
     x = batch()
     with torch.no_grad():
@@ -68,6 +71,11 @@ def test_registry_roundtrip_matches_in_memory_model(mlflow_store, trained):
         assert not model.training
         with torch.no_grad():
             np.testing.assert_allclose(model(torch.from_numpy(x)).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+    folder = mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "downloaded"))
+    model, _ = load_classifier(folder)  # a model copied to a machine without any MLflow server
+    with torch.no_grad():
+        np.testing.assert_allclose(model(torch.from_numpy(x)).numpy(), expected, rtol=1e-5, atol=1e-5)
 
     pyfunc = mlflow.pyfunc.load_model("models:/bus-cls@champion")
     np.testing.assert_allclose(np.asarray(pyfunc.predict(x)), expected, rtol=1e-4, atol=1e-4)
@@ -99,6 +107,9 @@ def test_checkpoint_file_and_bad_references(tmp_path, trained):
         load_classifier(tmp_path / "missing.pt")
 
 
-def test_alias_needs_registered_name(trained):
+def test_log_refuses_an_alias_without_a_name_and_a_spec_that_does_not_fit(trained):
     with pytest.raises(ValueError, match="needs registered_model_name"):
         log_classifier(trained, make_spec(), alias="champion")
+    two = make_spec().model_copy(update={"num_classes": 2, "class_names": ["benign", "malignant"]})
+    with pytest.raises(ValueError, match=r"outputs shape \(2, 3\).*2 classes"):
+        log_classifier(trained, two)

@@ -59,7 +59,11 @@ def mlflow_server(tmp_path, monkeypatch):
     finally:
         mlflow.set_tracking_uri(None)
         os.killpg(proc.pid, signal.SIGTERM)  # uvicorn workers are in the server's own process group
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
         log.close()
 
 

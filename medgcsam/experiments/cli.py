@@ -26,7 +26,8 @@ def experiment_command(
     workers: int = typer.Option(1, min=1, help="Cells trained at once, each in its own process"),
     tracking_uri: str | None = typer.Option(None, help="Tracking URI (default: experiment / base pipeline / "
                                             "sqlite under the experiment output folder)"),
-    plan: bool = typer.Option(False, "--plan", help="List cells with their ids and status; train nothing"),
+    plan: bool = typer.Option(False, "--plan", help="Create the parent run, list cells with ids and status; "
+                              "train nothing (run once before starting workers on other machines)"),
     report_only: bool = typer.Option(False, "--report-only", help="Rebuild the report from finished cells"),
 ) -> None:
     """Run every unfinished cell of an experiment as a nested MLflow run, then select and report."""
@@ -35,6 +36,7 @@ def experiment_command(
         exp = Experiment(path, overrides, tracking_uri=tracking_uri)
         if plan or report_only:
             exp.validate()
+            exp.parent_run_id()  # created here so workers on other machines all find the same parent
             finished = exp.finished_runs()
             cells_now = exp.plan(finished)
             if plan:
@@ -45,7 +47,6 @@ def experiment_command(
                 return
             from .report import write_report
 
-            exp.parent_run_id()
             typer.echo(f"report: {write_report(exp, finished)}")
             return
         summary = exp.run(cells=cells or None, workers=workers)

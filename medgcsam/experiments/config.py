@@ -101,6 +101,7 @@ class ExperimentConfig(_Strict):
     report: ReportConfig = Field(default_factory=ReportConfig)
     output_dir: Path | None = Field(None, description="Default: <base output_dir>/experiments/<name>")
     tracking_uri: str | None = Field(None, description="Default: the base pipeline's tracking.uri")
+    keep_checkpoints: bool = Field(False, description="Keep each finished cell's checkpoints (resnet18: ~90 MB)")
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -148,9 +149,12 @@ class ExperimentConfig(_Strict):
             unknown = [m for m in self.selection.candidates if m not in self.methods]
             if unknown:
                 raise ValueError(f"selection.candidates names methods {unknown} not in methods {list(self.methods)}")
-            if self.grid:
-                raise ValueError("selection and grid axes cannot be combined: put the swept values in "
-                                 "selection.candidates (the CV chooses among them)")
+            for label, cands in self.selection.candidates.items():
+                clash = {k for c in cands for k in c} & {
+                    k for k, a in self.grid.items() if a.methods is None or label in a.methods}
+                if clash:
+                    raise ValueError(f"selection.candidates of {label!r} set grid axes {sorted(clash)}; a key is "
+                                     f"either swept (grid) or selected (candidates), not both")
         return self
 
     def preset_of(self, label: str) -> str:

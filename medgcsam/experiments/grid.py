@@ -63,52 +63,59 @@ def method_settings(exp: ExperimentConfig, label: str) -> dict[str, Any]:
     return {**PRESETS[exp.preset_of(label)], **exp.methods[label].set}
 
 
-def grid_cells(exp: ExperimentConfig) -> list[Cell]:
-    """The comparison grid: methods x (axes that apply to each method) x seeds."""
-    cells = []
+def groups(exp: ExperimentConfig) -> list[tuple[str, dict[str, Any]]]:
+    """(method, axis values) for every method and every combination of the axes that apply to it."""
+    out = []
     for label in exp.methods:
         keys = [k for k, a in exp.grid.items() if a.methods is None or label in a.methods]
         for values in itertools.product(*(exp.grid[k].values for k in keys)):
-            axes = dict(zip(keys, values, strict=True))
-            settings = {**method_settings(exp, label), **axes}
-            cells += [Cell("grid", label, settings, seed, axes=axes) for seed in exp.seeds]
-    return cells
+            out.append((label, dict(zip(keys, values, strict=True))))
+    return out
 
 
-def candidates(exp: ExperimentConfig, label: str) -> list[dict[str, Any]]:
-    """Selection candidates of a method (full settings); a method without candidates has only its preset."""
+def group_key(label: str, axes: dict[str, Any]) -> str:
+    """Key of a (method, axes) group: selection results and choices are per group (e.g. per backbone)."""
+    return label if not axes else f"{label} {json.dumps(axes, sort_keys=True)}"
+
+
+def grid_cells(exp: ExperimentConfig) -> list[Cell]:
+    """The comparison grid: methods x (axes that apply to each method) x seeds."""
+    return [Cell("grid", label, {**method_settings(exp, label), **axes}, seed, axes=axes)
+            for label, axes in groups(exp) for seed in exp.seeds]
+
+
+def candidates(exp: ExperimentConfig, label: str, axes: dict[str, Any]) -> list[dict[str, Any]]:
+    """Selection candidates of a group (full settings); a method without candidates has only its preset."""
     assert exp.selection is not None
-    base = method_settings(exp, label)
+    base = {**method_settings(exp, label), **axes}
     return [{**base, **c} for c in exp.selection.candidates.get(label, [{}])]
 
 
 def cv_cells(exp: ExperimentConfig) -> list[Cell]:
-    """Selection stage: methods x candidates x selection seeds x folds; validation only, test never touched.
+    """Selection stage: groups x candidates x selection seeds x folds; validation only, test never touched.
 
     The clinical evaluation (which would score the test split) and sharpness are off in CV cells.
     """
     sel = exp.selection
     if sel is None:
         return []
-    cells = []
-    for label in exp.methods:
-        for ci, settings in enumerate(candidates(exp, label)):
-            for seed, fold in itertools.product(sel.seeds, range(sel.folds)):
-                extra = {FOLD_KEY: fold, "evaluation.enabled": False, "sharpness.enabled": False}
-                cells.append(Cell("cv", label, settings, seed, fold=fold, candidate=ci, extra=extra))
-    return cells
+    extra = {FOLD_KEY: None, "evaluation.enabled": False, "sharpness.enabled": False}
+    return [Cell("cv", label, settings, seed, axes=axes, fold=fold, candidate=ci, extra={**extra, FOLD_KEY: fold})
+            for label, axes in groups(exp)
+            for ci, settings in enumerate(candidates(exp, label, axes))
+            for seed, fold in itertools.product(sel.seeds, range(sel.folds))]
 
 
 def final_cells(exp: ExperimentConfig, chosen: dict[str, int]) -> list[Cell]:
-    """Final fit of each method's chosen candidate on the training partition, evaluated once on test."""
+    """Final fit of each group's chosen candidate (``chosen`` by group_key) on the training partition, tested once."""
     sel = exp.selection
     assert sel is not None
     extra: dict[str, Any] = {FOLD_KEY: sel.final_val_fold, "evaluation.splits": ["test"]}
     if sel.final_epochs is not None:
         extra["train.epochs"] = sel.final_epochs
     cells = []
-    for label in exp.methods:
-        ci = chosen[label]
-        settings = candidates(exp, label)[ci]
-        cells += [Cell("final", label, settings, seed, candidate=ci, extra=extra) for seed in exp.seeds]
+    for label, axes in groups(exp):
+        ci = chosen[group_key(label, axes)]
+        settings = candidates(exp, label, axes)[ci]
+        cells += [Cell("final", label, settings, seed, axes=axes, candidate=ci, extra=extra) for seed in exp.seeds]
     return cells

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -28,8 +29,7 @@ from medgcsam.tracking.uri import ensure_experiment, ensure_reachable
 
 from .analysis import analyse_cell
 from .config import ExperimentConfig, build_pipeline, load_experiment
-from .grid import Cell, candidates, cv_cells, final_cells, grid_cells
-from .presets import PRESETS
+from .grid import Cell, candidates, cv_cells, final_cells, grid_cells, group_key, groups, method_settings
 from .selection import CandidateResult, select, simplicity_key
 
 log = logging.getLogger(__name__)
@@ -77,10 +77,6 @@ class Experiment:
         self._base = base
         self._parent: str | None = None
 
-    @property
-    def cfg(self) -> ExperimentConfig:
-        return self.config
-
     # ---- cells -------------------------------------------------------------------------------
     def pipeline(self, cell: Cell) -> PipelineConfig:
         """The validated pipeline of one cell (base + experiment overrides + cell overrides + tracking),
@@ -108,10 +104,13 @@ class Experiment:
         """Build every first-stage cell's pipeline (and one final cell per candidate) so errors come before work."""
         for cell in self.first_stage():
             self.pipeline(cell)
-        if self.config.selection is not None:
-            for label in self.config.methods:
-                for ci in range(len(candidates(self.config, label))):
-                    self.pipeline(_single_final(self.config, label, ci))
+        if self.config.selection is not None:  # every candidate's final cell, as if it were chosen everywhere
+            most = max(len(candidates(self.config, label, axes)) for label, axes in groups(self.config))
+            for ci in range(most):
+                chosen = {group_key(label, axes): min(ci, len(candidates(self.config, label, axes)) - 1)
+                          for label, axes in groups(self.config)}
+                for cell in final_cells(self.config, chosen)[:: len(self.config.seeds)]:
+                    self.pipeline(cell)
 
     # ---- tracking ----------------------------------------------------------------------------
     def experiment_id(self) -> str:
@@ -162,7 +161,7 @@ class Experiment:
 
     # ---- selection ---------------------------------------------------------------------------
     def selection_table(self, finished: dict[str, Run]) -> dict[str, list[CandidateResult]] | None:
-        """CV results per method, or None while some CV cell is unfinished."""
+        """CV results per group (method, axes), or None while some CV cell is unfinished."""
         sel = self.config.selection
         if sel is None:
             return None
@@ -170,15 +169,15 @@ class Experiment:
         if any(c.id not in finished for c in cells):
             return None
         table: dict[str, list[CandidateResult]] = {}
-        for label in self.config.methods:
-            preset = {**PRESETS[self.config.preset_of(label)], **self.config.methods[label].set}
+        for label, axes in groups(self.config):
+            preset = {**method_settings(self.config, label), **axes}  # "simpler" = closer to this
             results = []
-            for ci, settings in enumerate(candidates(self.config, label)):
-                mine = [c for c in cells if c.method == label and c.candidate == ci]
+            for ci, settings in enumerate(candidates(self.config, label, axes)):
+                mine = [c for c in cells if c.method == label and c.axes == axes and c.candidate == ci]
                 scores = [self.cv_score(c, finished[c.id]) for c in mine]
                 results.append(CandidateResult(ci, settings, scores, simplicity_key(settings, preset, ci)))
             select(results, sel.mode)
-            table[label] = results
+            table[group_key(label, axes)] = results
         return table
 
     def cv_score(self, cell: Cell, run: Run) -> float:
@@ -223,6 +222,8 @@ class Experiment:
             analyse_cell(self.client, result.run_id, result.model, cfg,
                          landscape_points=self.config.report.landscape_points)
         self.record_cell(result.run_id, cell, metrics)
+        if not self.config.keep_checkpoints:  # finished and tagged: a rerun skips it, its checkpoints are dead weight
+            shutil.rmtree(result.checkpoint_dir, ignore_errors=True)
         return result.run_id
 
     def record_cell(self, run_id: str, cell: Cell, metrics: dict[str, float]) -> None:
@@ -329,11 +330,6 @@ class Experiment:
         out.mkdir(parents=True, exist_ok=True)
         (out / "selection.md").write_text(text, encoding="utf-8")
         self.client.log_text(self.parent_run_id(), text, "report/selection.md")
-
-
-def _single_final(exp: ExperimentConfig, label: str, ci: int) -> Cell:
-    chosen = {**dict.fromkeys(exp.methods, 0), label: ci}
-    return next(c for c in final_cells(exp, chosen) if c.method == label)
 
 
 def _pick(plan: list[Cell], key: str, exp: ExperimentConfig) -> Cell:

@@ -1,24 +1,31 @@
 """`medgcsam predict`: batch inference from the registry, a run, or a checkpoint file.
 
 Exit codes: 0 every image predicted; 1 some files could not be read (listed in the errors file);
-2 usage or model error (nothing predicted); 130 interrupted (rerun with --resume).
+2 usage or model error (nothing predicted); 3 the job crashed part-way (rows so far are kept in
+``<output>.partial``; rerun with --resume); 130 interrupted (likewise).
 """
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 
+import torch
 import typer
 
 from medgcsam.inference.package import ModelLoadError, load_classifier
-from medgcsam.inference.predict import EXIT_USAGE, PredictionError, predict
+from medgcsam.inference.predict import EXIT_CRASHED, EXIT_USAGE, PredictionError, partial_path, predict
 
 
 def _resolve_device(device: str) -> str:
     if device == "auto":
-        import torch
-
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PredictionError(f"--device {device}: no CUDA device is visible here; use --device cpu")
+    try:
+        torch.device(device)
+    except RuntimeError as exc:
+        raise PredictionError(f"--device {device!r} is not a device ({exc}); use auto, cpu, cuda or cuda:N") from None
     return device
 
 
@@ -34,17 +41,23 @@ def predict_command(
     resume: bool = typer.Option(False, "--resume", help="Keep rows already in --output (or its .partial)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Predict every image in a folder; exit 0 all predicted, 1 some files failed, 2 usage/model error."""
+    """Predict every image in a folder. Exit 0: all predicted; 1: some files failed (see the errors file);
+    2: usage/model error; 3: crashed part-way (rerun with --resume)."""
     try:
-        net, spec = load_classifier(model, device=_resolve_device(device))
+        target = _resolve_device(device)
+        net, spec = load_classifier(model, device=target)
         summary = predict(net, spec, input_dir, output, batch_size=batch_size, num_workers=num_workers,
-                          device=_resolve_device(device), amp=amp, resume=resume, progress=progress)
+                          device=target, amp=amp, resume=resume, progress=progress)
     except (ModelLoadError, PredictionError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
     except KeyboardInterrupt:
-        typer.echo(f"interrupted; rows so far are in {output}.partial: rerun with --resume", err=True)
+        typer.echo(f"interrupted; rows so far are in {partial_path(output)}: rerun with --resume", err=True)
         raise typer.Exit(130) from None
+    except Exception:  # a crash part-way must not read as exit 1 ("some files failed")
+        traceback.print_exc()
+        typer.echo(f"prediction crashed; rows so far are in {partial_path(output)}: rerun with --resume", err=True)
+        raise typer.Exit(EXIT_CRASHED) from None
     typer.echo(f"{summary.predicted} predicted, {summary.skipped} already done, {summary.failed} failed "
                f"of {summary.found} files in {summary.seconds:.1f}s -> {summary.output}")
     if summary.failed:

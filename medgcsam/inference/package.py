@@ -58,6 +58,9 @@ def log_classifier(
     try:
         with torch.no_grad():
             logits = cpu_model(example)
+        if logits.ndim != 2 or logits.shape[1] != spec.num_classes:
+            raise ValueError(f"model outputs shape {tuple(logits.shape)} for a batch of 2, but the spec says "
+                             f"{spec.num_classes} classes {spec.class_names}; log the model with its own spec")
         signature = infer_signature(example.numpy(), logits.numpy())
         with tempfile.TemporaryDirectory(prefix="medgcsam-log-") as tmp:
             state_path, spec_path = Path(tmp) / STATE_DICT_FILE, Path(tmp) / SPEC_FILE

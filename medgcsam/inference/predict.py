@@ -26,7 +26,7 @@ from medgcsam.data.io import IMAGE_SUFFIXES, ImageReadError, is_dicom, read_imag
 from medgcsam.data.transforms import deterministic_transforms
 from medgcsam.models.spec import ModelSpec
 
-EXIT_OK, EXIT_FILES_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FILES_FAILED, EXIT_USAGE, EXIT_CRASHED = 0, 1, 2, 3
 ERROR_COLUMNS = ["path", "reason"]
 
 
@@ -155,16 +155,20 @@ def predict(
 ) -> PredictionSummary:
     """Predict every image under ``input_dir`` into ``output`` (CSV) and ``<stem>.errors.csv``.
 
-    With ``resume`` the paths already in ``output`` or in its ``.partial`` file (left by an
-    interrupted run) are kept and not predicted again; files that failed before are retried.
+    ``model`` is moved to ``device`` in eval mode. With ``resume`` the paths already in ``output`` or in
+    its ``.partial`` file (left by an interrupted run) are kept and not predicted again; files that
+    failed before are retried.
     """
     start = time.perf_counter()
     input_dir, output = Path(input_dir), Path(output)
     if not input_dir.is_dir():
         raise PredictionError(f"input folder {input_dir} does not exist or is not a folder")
+    if output.is_dir():
+        raise PredictionError(f"--output {output} is a folder; give a CSV file name such as {output}/predictions.csv")
     if amp not in ("none", "bf16"):
         raise PredictionError(f"amp {amp!r} not supported for prediction; use 'none' or 'bf16'")
     columns = output_columns(spec)
+    pos_index = _positive_index(spec)
     paths = find_images(input_dir)
     if not paths:
         raise PredictionError(f"no PNG, JPEG or DICOM files under {input_dir}; "
@@ -179,9 +183,7 @@ def predict(
         model = model.to(memory_format=torch.channels_last)
     loader = DataLoader(ImageFolder(input_dir, todo, spec), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=collate_with_failures, pin_memory=device.type == "cuda")
-    classes = spec.class_names
-    thr = spec.threshold
-    pos_index = _positive_index(spec)
+    classes, thr = spec.class_names, spec.threshold
 
     failures: list[tuple[str, str]] = []
     partial = partial_path(output)
@@ -189,7 +191,7 @@ def predict(
     bar = tqdm(total=len(todo), unit="img", disable=not progress or not todo, desc="predict")
     predicted = 0
     with partial.open("a", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
+        writer = csv.writer(fh, lineterminator="\n")
         for batch_paths, images, batch_failures in loader:
             failures += batch_failures
             if images is not None:
@@ -256,7 +258,7 @@ def _write_csv(path: Path, columns: list[str], rows: Iterable[Sequence[str]]) ->
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
+            writer = csv.writer(fh, lineterminator="\n")
             writer.writerow(columns)
             writer.writerows(rows)
         os.replace(tmp, path)

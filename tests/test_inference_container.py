@@ -1,0 +1,96 @@
+"""The container files agree with the project: no Docker engine here, so check what can be checked statically."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import tomllib
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n\s*", " ", (ROOT / "Dockerfile").read_text())
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1]) for ln in lines]
+
+
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_dockerfile_runs_medgcsam_offline_as_non_root_with_the_documented_install():
+    instr = dockerfile()
+    args = {k: [a for i, a in instr if i == k] for k in {i for i, _ in instr}}
+    base = re.search(r"BASE_IMAGE=(\S+)", " ".join(args["ARG"])).group(1)
+    torch_pin = next(d for d in pyproject()["project"]["dependencies"] if _name(d) == "torch").split("==")[1]
+    assert base.startswith(f"pytorch/pytorch:{torch_pin}-cuda"), base
+
+    user = args["USER"][-1].split(":")[0]
+    assert user not in ("root", "0")
+    assert "HF_HUB_OFFLINE=1" in " ".join(args["ENV"])
+    assert args["ENTRYPOINT"] == ['["medgcsam"]']
+    assert "medgcsam" in pyproject()["project"]["scripts"]
+    volumes = " ".join(args["VOLUME"])
+    assert all(v in volumes for v in ('"/data"', '"/weights"', '"/mlflow"'))
+
+    install = next(a for a in args["RUN"] if "pip install" in a).split("&&")[0].strip()
+    docs = (ROOT / "docs/container.md").read_text()
+    assert install in docs, f"Dockerfile install `{install}` differs from docs/container.md"
+    extras = re.search(r'"\.\[([\w,]+)\]"', install).group(1).split(",")
+    assert set(extras) <= set(pyproject()["project"]["optional-dependencies"])
+    copied = " ".join(args["COPY"])
+    for needed in ("pyproject.toml", "constraints.txt", "medgcsam"):
+        assert needed in copied
+        assert f"!{needed}" in (ROOT / ".dockerignore").read_text()
+
+
+def test_constraints_pin_every_dependency_and_agree_with_pyproject():
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[_name(name)] = version
+    project = pyproject()["project"]
+    extras = project["optional-dependencies"]
+    deps = project["dependencies"] + extras["dicom"] + extras["server"]
+    for dep in deps:
+        name = _name(dep)
+        if name in ("torch", "torchvision"):  # come with the CUDA base image
+            assert name not in pins
+            continue
+        assert name in pins, f"{name} is not pinned in constraints.txt"
+        if "==" in dep:
+            assert pins[name] == dep.split("==")[1].strip(), name
+
+
+def test_compose_has_tracking_server_with_database_and_gpu_jobs():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"db", "mlflow", "train", "predict"}
+
+    server = " ".join(services["mlflow"]["entrypoint"] + services["mlflow"]["command"])
+    assert "--backend-store-uri postgresql+pg8000://" in server and "@db:5432/" in server
+    assert "--artifacts-destination /mlflow/artifacts" in server
+    assert "mlflow:5000" in server.split("--allowed-hosts")[1]
+    assert any(v.startswith("mlflow-artifacts:/mlflow") for v in services["mlflow"]["volumes"])
+    assert services["mlflow"]["depends_on"]["db"]["condition"] == "service_healthy"
+    assert any(v.startswith("mlflow-db:") for v in services["db"]["volumes"])
+    assert set(compose["volumes"]) == {"mlflow-db", "mlflow-artifacts"}
+
+    for job, command in (("train", ["medgcsam", "train"]), ("predict", ["medgcsam", "predict"])):
+        svc = services[job]
+        assert svc["entrypoint"] == command
+        assert svc["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+        assert svc["environment"]["HF_HUB_OFFLINE"] == "1"
+        (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+        assert any(v.endswith(":/data:ro") for v in svc["volumes"])
+        assert svc["depends_on"]["mlflow"]["condition"] == "service_healthy"
