@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e .
+.venv/bin/python -m pip install -q -c constraints.txt -e .
 export HF_HUB_OFFLINE=1 MLFLOW_TRACKING_URI="sqlite:///$PWD/outputs/mlflow.db"
 start=$(date +%s)
 .venv/bin/medgcsam train pipelines/busi_mini.yaml
