@@ -174,3 +174,18 @@ def test_bad_optimizer_hyperparameter_fails_before_work(images, tmp_path):
     with pytest.raises(ValueError, match="rhoo"):
         train(cfg)
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "bad").exists()
+
+
+def test_end_of_training_evaluation_and_sharpness(images, out):
+    """The frozen operating point reaches best.pt (so checkpoint predictions decide like the registry model)
+    and the Hessian figures land in the run when the config asks for them."""
+    raw = tiny_config(images, out, "eval-sharp", "gcsam", epochs=1)
+    raw["evaluation"] = {"enabled": True, "positive_class": "malignant", "bootstrap": 20}
+    raw["sharpness"] = {"enabled": True, "n_samples": 8, "batch_size": 8, "lanczos_steps": 4, "trace_probes": 2,
+                        "density_steps": 4}
+    result = train(PipelineConfig.model_validate(raw))
+    spec = load_checkpoint(result.best_checkpoint)["spec"]
+    run = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}").get_run(result.run_id)
+    assert spec["threshold"] is not None and spec["threshold"]["positive_class"] == "malignant"
+    assert float(run.data.tags["operating_point.threshold"]) == pytest.approx(spec["threshold"]["value"], rel=1e-5)
+    assert run.data.metrics["hessian_hvp_count"] > 0 and np.isfinite(run.data.metrics["hessian_top_eig"])

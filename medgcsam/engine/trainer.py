@@ -440,6 +440,8 @@ class _Training:
                     figs.close(fig)
             if cfg.evaluation.enabled:
                 self._evaluate()
+            if cfg.sharpness.enabled:
+                self._sharpness()
             if not cfg.tracking.log_model:
                 return None, None
             from medgcsam.inference.package import log_classifier
@@ -465,6 +467,20 @@ class _Training:
                           seed=self.cfg.train.seed)
         log_evaluation(result)
         self.spec = result.spec
+        best = self.ckpt_dir / ckpt_io.BEST
+        if best.is_file():  # the checkpoint serves `predict` too, so it carries the frozen threshold as well
+            state = ckpt_io.load_checkpoint(best)
+            state["spec"] = self.spec.model_dump(mode="json")
+            ckpt_io.save_checkpoint(best, state)
+
+    def _sharpness(self) -> None:
+        """Hessian sharpness of the selected weights on a fixed, augmentation-free subset of the train split."""
+        from medgcsam.sharpness.compute import compute_sharpness, log_sharpness
+
+        out = self.dir / "sharpness"
+        metrics = compute_sharpness(self.raw, self.bundle.train.without_augmentation(), self.cfg.sharpness,
+                                    self.device, out)
+        log_sharpness(metrics, out)
 
     def run(self, resume: bool, parent_run_id: str | None) -> TrainResult:
         cfg = self.cfg
