@@ -75,10 +75,11 @@ def test_predict_from_registry_behind_a_tracking_server(tmp_path, mlflow_server)
     spec = predict_tests.make_spec()
     torch.save({"model": model.state_dict(), "spec": spec.model_dump(mode="json")}, checkpoint)
 
+    mlflow.set_experiment("predict-behind-server")  # an earlier test's active experiment id means nothing here
     with mlflow.start_run():
         info = log_classifier(model, spec, registered_model_name="bus-server", alias="champion")
     version = mlflow.MlflowClient().get_model_version_by_alias("bus-server", "champion")
-    assert version.version == str(info.registered_model_version)
+    assert str(version.version) == str(info.registered_model_version)
     assert list((server_dir / "artifacts").rglob("spec.json")), "artifacts must live on the server side"
 
     loaded, loaded_spec = load_classifier("models:/bus-server@champion")

@@ -18,15 +18,19 @@ from mlflow.tracking import MlflowClient
 
 from medgcsam.config import PipelineConfig
 
+# The URI this process was started with: mlflow.set_tracking_uri() rewrites the variable in os.environ,
+# so reading it later would pick up whatever store an earlier run in the same process activated.
+_STARTUP_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
+
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message names the URI and the fix."""
 
 
 def resolve_tracking_uri(cfg: PipelineConfig, override: str | None = None) -> str:
-    """``override`` > ``tracking.uri`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<output_dir>/mlflow.db``
-    (absolute, so cwd never matters)."""
-    uri = override or cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    """``override`` > ``tracking.uri`` > ``$MLFLOW_TRACKING_URI`` at process start >
+    ``sqlite:///<output_dir>/mlflow.db`` (absolute, so cwd never matters)."""
+    uri = override or cfg.tracking.uri or _STARTUP_TRACKING_URI
     if uri:
         return uri
     return f"sqlite:///{(Path(cfg.output_dir) / 'mlflow.db').resolve()}"
