@@ -162,3 +162,13 @@ def test_operating_point_rules():
         choose_threshold(p, y, "sensitivity")
     with pytest.raises(ValueError, match="unknown operating point rule"):
         choose_threshold(p, y, "cost")
+
+
+def test_temperature_stays_bounded_on_separable_validation():
+    """Perfectly separated validation logits push the NLL optimum to T -> 0; the fit stops at T_MIN."""
+    from medgcsam.evaluation.calibration import T_MIN
+
+    logits = np.array([[5.0, -5.0], [-4.0, 4.0], [3.0, -3.0], [-6.0, 6.0]])
+    t = fit_temperature(logits, np.array([0, 1, 0, 1]))
+    assert t == pytest.approx(T_MIN, rel=1e-3)
+    assert np.isfinite(softmax(logits, t)).all()
