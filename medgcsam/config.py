@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -165,6 +165,9 @@ class PipelineConfig(_Strict):
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
 class ConfigError(ValueError):
     """A pipeline file or override that cannot be used; the message names the field and the fix."""
 
@@ -196,26 +199,35 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read a pipeline YAML, apply overrides, validate; relative data paths resolve against the YAML."""
+def read_mapping(path: str | Path, kind: str, hint: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping, with ``a.b=v`` overrides applied (pipelines, experiments)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"pipeline file {path} does not exist")
+        raise ConfigError(f"{kind} file {path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections (data, model, optimizer, ...)")
-    raw = apply_overrides(raw, overrides or [])
+        raise ConfigError(f"{path}: top level must be a mapping ({hint})")
+    return apply_overrides(raw, overrides or [])
+
+
+def validated(model: type[M], raw: dict[str, Any], heading: str) -> M:
+    """``model.model_validate(raw)``, with every error listed as ``field.path: reason`` under ``heading``."""
     try:
-        cfg = PipelineConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
-        lines = [f"{path}: invalid configuration"]
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {loc}: {err['msg']}")
+        lines = [heading]
+        lines += [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a pipeline YAML, apply overrides, validate; relative data paths resolve against the YAML."""
+    path = Path(path)
+    raw = read_mapping(path, "pipeline", "sections data, model, optimizer, ...", overrides)
+    cfg = validated(PipelineConfig, raw, f"{path}: invalid configuration")
     base = path.resolve().parent
     data = cfg.data
     if not data.manifest.is_absolute():

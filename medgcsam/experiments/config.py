@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from medgcsam.config import ConfigError, PipelineConfig, apply_overrides
+from medgcsam.config import ConfigError, PipelineConfig, apply_overrides, read_mapping, validated
 
 from .presets import PRESETS
 
@@ -172,21 +172,8 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> tup
     ``overrides`` (``a.b=v``) apply to the experiment file itself, e.g. ``seeds=[0]`` for a smoke run.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"experiment file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping (name, base, methods, grid, seeds, ...)")
-    raw = apply_overrides(raw, overrides or [])
-    try:
-        exp = ExperimentConfig.model_validate(raw)
-    except ValidationError as exc:
-        lines = [f"{path}: invalid experiment"]
-        lines += [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError("\n".join(lines)) from None
+    raw = read_mapping(path, "experiment", "name, base, methods, grid, seeds, ...", overrides)
+    exp = validated(ExperimentConfig, raw, f"{path}: invalid experiment")
     here = path.resolve().parent
     if exp.base is not None:
         base_path = exp.base if exp.base.is_absolute() else here / exp.base
@@ -216,9 +203,4 @@ def build_pipeline(base_raw: dict[str, Any], overrides: list[str], where: str) -
     import copy
 
     raw = apply_overrides(copy.deepcopy(base_raw), overrides)
-    try:
-        return PipelineConfig.model_validate(raw)
-    except ValidationError as exc:
-        lines = [f"{where}: invalid pipeline after overrides {overrides}"]
-        lines += [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError("\n".join(lines)) from None
+    return validated(PipelineConfig, raw, f"{where}: invalid pipeline after overrides {overrides}")
