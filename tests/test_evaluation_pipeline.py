@@ -4,6 +4,7 @@ against a checkpoint with an MLflow sqlite store."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -107,14 +108,18 @@ def test_evaluate_needs_validation_split_and_known_positive_class(setup):
         evaluate(model, bundle, spec, EvaluationConfig(positive_class="cancer", bootstrap=0), "cpu", root / "y")
 
 
+def _experiment(name: str, where: Path) -> str:
+    """A sqlite store would put artifacts in ./mlruns of the working directory: keep them in tmp."""
+    return mlflow.create_experiment(name, artifact_location=(where / "mlartifacts").as_uri())
+
+
 def test_log_evaluation_to_mlflow(setup):
     root, _, cfg, model, spec = setup
     bundle = build_datasets(cfg.data, spec.preprocessing)
     result = evaluate(model, bundle, spec, cfg.evaluation.model_copy(update={"bootstrap": 0, "splits": ["test"]}),
                       "cpu", root / "logged")
     mlflow.set_tracking_uri(cfg.tracking.uri)
-    exp = mlflow.set_experiment("evaltest-direct")
-    with mlflow.start_run(experiment_id=exp.experiment_id) as run:
+    with mlflow.start_run(experiment_id=_experiment("evaltest-direct", root)) as run:
         log_evaluation(result)
     data = MlflowClient().get_run(run.info.run_id).data
     assert data.metrics["test/accuracy"] == pytest.approx(result.figures["splits"]["test"]["headline"]["accuracy"])
@@ -169,8 +174,7 @@ def test_cli_evaluate_registered_model_stores_threshold_in_new_version(setup, tm
     pipeline.write_text(yaml.safe_dump(raw), encoding="utf-8")
     mlflow.set_tracking_uri(raw["tracking"]["uri"])
     mlflow.set_registry_uri(raw["tracking"]["uri"])
-    exp = mlflow.set_experiment("evaltest-registry")
-    with mlflow.start_run(experiment_id=exp.experiment_id) as run:
+    with mlflow.start_run(experiment_id=_experiment("evaltest-registry", tmp_path)) as run:
         log_classifier(model, spec, registered_model_name="evaltest-model", alias="champion")
     res = CliRunner().invoke(app, ["evaluate", "--model", "models:/evaltest-model@champion", "--pipeline",
                                    str(pipeline), "--output", str(tmp_path / "ev"), "--split", "test",
