@@ -8,6 +8,7 @@ import os
 import socket
 from pathlib import Path
 
+import mlflow
 import torch
 import torch.multiprocessing as mp
 
@@ -48,3 +49,5 @@ def test_two_process_gloo_run_keeps_replicas_identical(tmp_path):
     for name, value in r0["params"].items():
         assert torch.equal(value, best["model"][name])
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best.pt", "last.pt"]  # no temp files left
+    params = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}").get_run(r0["run_id"]).data.params
+    assert params["ddp.world_size"] == "2"  # the effective batch (4 x 2) is recoverable from the run

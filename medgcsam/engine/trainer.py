@@ -277,7 +277,8 @@ class _Training:
             self.run_id = run.info.run_id
             counts = {split: {c: int((frame["label"] == c).sum()) for c in self.class_names}
                       for split, frame in self.bundle.frames.items()}
-            mlflow.log_params(run_params(cfg, manifest_sha256=self.bundle.manifest_sha256, split_counts=counts))
+            mlflow.log_params(run_params(cfg, manifest_sha256=self.bundle.manifest_sha256, split_counts=counts,
+                                         world_size=self.ctx.world_size))
             mlflow.log_dict(json.loads(cfg.model_dump_json()), "config/pipeline.yaml")
             mlflow.log_dict({"manifest": str(cfg.data.manifest), "manifest_sha256": self.bundle.manifest_sha256,
                              "classes": self.class_names, "counts": counts}, "config/split_summary.json")

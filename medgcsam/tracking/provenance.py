@@ -39,9 +39,12 @@ def git_commit() -> str:
     return sha + ("+dirty" if dirty else "")
 
 
-def run_params(cfg: PipelineConfig, *, manifest_sha256: str, split_counts: dict[str, dict[str, int]]) -> dict[str, str]:
-    """Flattened config + data hash + split sizes + versions + commit, as MLflow parameter strings."""
+def run_params(cfg: PipelineConfig, *, manifest_sha256: str, split_counts: dict[str, dict[str, int]],
+               world_size: int = 1) -> dict[str, str]:
+    """Flattened config + data hash + split sizes + world size (the effective batch is batch_size x world size)
+    + versions + commit, as MLflow parameter strings."""
     params: dict[str, Any] = dict(cfg.flat())
+    params["ddp.world_size"] = world_size
     params["data.manifest_sha256"] = manifest_sha256
     params["config_sha256"] = cfg.sha256()
     for split, counts in split_counts.items():
