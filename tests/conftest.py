@@ -1,0 +1,26 @@
+"""Suite-wide isolation."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+_MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+# Before any test module imports medgcsam (which reads the variable once): the suite never talks to a
+# tracking server the developer's shell happens to point at.
+for _name in _MLFLOW_URI_VARIABLES:
+    os.environ.pop(_name, None)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_uri_variables():
+    """mlflow.set_tracking_uri()/set_registry_uri() write these into os.environ, so a store one test chose
+    would otherwise reach every later test and every process a later test spawns (DDP workers, the CLI)."""
+    saved = {name: os.environ.pop(name, None) for name in _MLFLOW_URI_VARIABLES}
+    yield
+    for name, value in saved.items():
+        os.environ.pop(name, None)
+        if value is not None:
+            os.environ[name] = value
