@@ -20,6 +20,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow.entities import Run  # noqa: E402
 
+from medgcsam.tracking.figures import save_png  # noqa: E402
+
 from .config import ExperimentConfig  # noqa: E402
 from .selection import CandidateResult  # noqa: E402
 from .stats import mcnemar_exact, paired_comparison, summarize  # noqa: E402
@@ -218,11 +220,7 @@ def rho_figure(df: pd.DataFrame, cfg: ExperimentConfig, out: Path) -> Path | Non
     ax.set_ylabel(primary)
     ax.set_title(f"rho sensitivity (mean and {cfg.report.confidence:.0%} t-interval over seeds)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "rho_sensitivity.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_png(fig, out / "rho_sensitivity.png")
 
 
 def grad_norm_figures(exp: Experiment, df: pd.DataFrame, out: Path) -> list[Path]:
@@ -252,10 +250,7 @@ def grad_norm_figures(exp: Experiment, df: pd.DataFrame, out: Path) -> list[Path
         ax.set_ylabel(f"{key} (first-pass L2 norm)")
         ax.set_yscale("log")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
-        paths.append(out / name)
+        paths.append(save_png(fig, out / name))
     return paths
 
 
@@ -288,11 +283,7 @@ def landscape_figure(exp: Experiment, df: pd.DataFrame, out: Path) -> Path | Non
     ax.set_xlabel("step along a random filter-normalized direction")
     ax.set_ylabel("training loss (fixed subset)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "loss_landscape.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_png(fig, out / "loss_landscape.png")
 
 
 # ---- the report --------------------------------------------------------------------------------

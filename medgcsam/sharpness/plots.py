@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 
 from medgcsam.sharpness.landscape import Landscape  # noqa: E402
 from medgcsam.sharpness.spectrum import Density  # noqa: E402
+from medgcsam.tracking.figures import save_png  # noqa: E402
 
 
 def plot_density(density: Density, path: Path) -> Path:
@@ -22,10 +23,7 @@ def plot_density(density: Density, path: Path) -> Path:
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density (log)")
     ax.set_title(f"Hessian spectral density (SLQ, {len(density.nodes)} run(s))")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def plot_landscape(ls: Landscape, out_dir: Path, stem: str = "landscape") -> list[Path]:
@@ -40,10 +38,7 @@ def plot_landscape(ls: Landscape, out_dir: Path, stem: str = "landscape") -> lis
         ax2.plot(ls.alphas, 100 * ls.accuracy, "r--", label="accuracy")
         ax2.set_ylabel("accuracy (%)", color="r")
         ax2.set_ylim(0, 100)
-        fig.tight_layout()
-        paths.append(out_dir / f"{stem}_1d.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(save_png(fig, out_dir / f"{stem}_1d.png"))
         return paths
     a, b = np.meshgrid(ls.alphas, ls.betas, indexing="ij")
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -52,18 +47,12 @@ def plot_landscape(ls: Landscape, out_dir: Path, stem: str = "landscape") -> lis
     ax.plot(0, 0, "k+")
     ax.set_xlabel("alpha")
     ax.set_ylabel("beta")
-    fig.tight_layout()
-    paths.append(out_dir / f"{stem}_2d_contour.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save_png(fig, out_dir / f"{stem}_2d_contour.png"))
     fig = plt.figure(figsize=(6, 5))
     ax3 = fig.add_subplot(projection="3d")
     ax3.plot_surface(a, b, ls.loss, cmap="coolwarm", linewidth=0, antialiased=True)
     ax3.set_xlabel("alpha")
     ax3.set_ylabel("beta")
     ax3.set_zlabel("loss")
-    fig.tight_layout()
-    paths.append(out_dir / f"{stem}_2d_surface.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save_png(fig, out_dir / f"{stem}_2d_surface.png"))
     return paths

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib
 
@@ -42,3 +43,11 @@ def grad_norm_figure(steps: Sequence[int], norm: Sequence[float], norm_gc: Seque
 
 def close(fig: Figure) -> None:
     plt.close(fig)
+
+
+def save_png(fig: Figure, path: Path) -> Path:
+    """Lay out, write and close a figure (closing matters: pyplot keeps every open figure alive)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
