@@ -35,7 +35,7 @@ class DataConfig(_Strict):
     cache: Literal["none", "memory", "disk"] = "memory"
     cache_dir: Path | None = None
     augment: bool = True
-    aug_backend: Literal["monai", "albumentations"] = "monai"
+    aug_backend: Literal["monai", "albumentations", "batched"] = "batched"
     val_fold: int | None = Field(0, ge=0, description="Fold of the train split used for validation")
     dicom_multiframe: Literal["first", "middle", "error"] = "middle"
 
@@ -136,6 +136,8 @@ class SharpnessConfig(_Strict):
     top_k: int = Field(1, ge=1)
     method: Literal["lanczos", "power"] = Field("lanczos", description="power = PyHessian-compatible iteration")
     tol: float = Field(1e-3, gt=0.0, description="Relative residual (lanczos) or change (power) to stop at")
+    start: Literal["gradient", "random"] = Field(
+        "gradient", description="Lanczos start: the loss gradient (plus 10% noise; few products) or a Gaussian")
     lanczos_steps: int = Field(30, ge=2)
     trace_probes: int = Field(50, ge=1)
     density_probes: int = Field(1, ge=1)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from medgcsam.config import DataConfig
-from medgcsam.data.datasets import build_datasets, build_loaders
+from medgcsam.data.datasets import BatchInputs, build_datasets, build_loaders
 from medgcsam.data.io import read_image
-from medgcsam.data.transforms import build_transforms, deterministic_transforms
+from medgcsam.data.transforms import AugmentRecipe, BatchAugmentd, build_transforms, deterministic_transforms
 from medgcsam.models.factory import InputSpec, create_model, input_spec
 from tests.helpers_images import make_manifest, synthetic_pixels, write_image
 
@@ -56,7 +56,7 @@ def test_channel_handling(tmp_path):
     torch.testing.assert_close(to_grey, direct, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("backend", ["monai", "albumentations"])
+@pytest.mark.parametrize("backend", ["monai", "albumentations", "batched"])
 def test_ultrasound_augmentation_never_flips_vertically(backend):
     img = torch.zeros(1, 32, 32)
     img[:, 2:8, 4:28] = 1.0  # skin line band at the top
@@ -69,6 +69,34 @@ def test_ultrasound_augmentation_never_flips_vertically(backend):
         bottom.append(out[:, 20:].mean().item())
         changed += not torch.allclose(out, img, atol=1e-3)
     assert min(top) > 0.2 and max(bottom) < 0.02 and changed > 10
+
+
+def _disk(radius: float, size: int = 64) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    return (((yy - size / 2) ** 2 + (xx - size / 2) ** 2) <= radius**2).float()[None]
+
+
+def test_batched_augmentation_zooms_about_the_centre_and_draws_per_image():
+    zoom_only = BatchAugmentd(["image"], AugmentRecipe(zoom=(1.25, 1.25), zoom_p=1.0)).set_random_state(0)
+    batch = _disk(12.0).expand(6, 1, 64, 64).contiguous()
+    out = zoom_only({"image": batch})["image"]
+    assert out.shape == batch.shape and torch.equal(batch, _disk(12.0).expand(6, 1, 64, 64))  # input untouched
+    area = out.sum(dim=(1, 2, 3)) / batch[0].sum()
+    torch.testing.assert_close(area, torch.full((6,), 1.25**2), atol=0.04, rtol=0)  # magnified, not shrunk
+    yy, xx = torch.meshgrid(torch.arange(64.0) + 0.5, torch.arange(64.0) + 0.5, indexing="ij")
+    centre = torch.stack([(out[:, 0] * yy).sum((1, 2)), (out[:, 0] * xx).sum((1, 2))], 1) / out.sum((1, 2, 3))[:, None]
+    torch.testing.assert_close(centre, torch.full((6, 2), 32.0), atol=0.05, rtol=0)
+    mixed = BatchAugmentd(["image"], AugmentRecipe(hflip=0.5, rotate_deg=30, rotate_p=1.0, gamma=(0.5, 2.0),
+                                                   gamma_p=1.0)).set_random_state(1)
+    ramp = torch.linspace(0.05, 0.95, 64).expand(16, 1, 64, 64).contiguous()
+    outs = mixed({"image": ramp})["image"]
+    assert outs.min() >= 0.0 and outs.max() <= 1.0
+    assert len({round(float(o.sum()), 3) for o in outs}) == 16  # every image got its own draw
+    again = mixed.set_random_state(1)({"image": ramp})["image"]
+    assert torch.equal(outs, again)
+    as_uint8 = mixed.set_random_state(1)({"image": (ramp * 255).round().to(torch.uint8)})["image"]
+    assert as_uint8.dtype == torch.uint8  # the cached path: lookup-table gamma, same draws, same pixels
+    assert (as_uint8.float() - outs * 255).abs().max() <= 2.0
 
 
 def test_xray_has_no_flips_and_unknown_names_fail():
@@ -133,6 +161,30 @@ def test_albumentations_backend_augments_cached_uint8(manifest):
     assert sum(not torch.allclose(o, plain[i]["image"]) for i, o in enumerate(outs)) >= 3
 
 
+def test_batch_fetch_equals_item_fetch(manifest, tmp_path):
+    for cache in ("none", "memory", "disk"):
+        ds = build_datasets(_cfg(manifest, augment=False, cache=cache, cache_dir=tmp_path), RGB).train
+        ds.warm_cache()
+        batch = ds.__getitems__([5, 0, 3])
+        for item, i in zip(batch, [5, 0, 3], strict=True):
+            assert item["index"] == i and int(item["label"]) == int(ds[i]["label"])
+            torch.testing.assert_close(item["image"], ds[i]["image"])
+
+
+def test_torn_or_foreign_disk_entries_are_rebuilt(manifest, tmp_path):
+    ds = build_datasets(_cfg(manifest, augment=False, cache="disk", cache_dir=tmp_path), GREY).train
+    ds.warm_cache()
+    expected = [ds[i]["image"] for i in range(3)]
+    files = [ds.cache_dir / f"{ds._disk_keys[i]}.npy" for i in range(3)]
+    files[0].write_bytes(files[0].read_bytes()[:40])  # torn write
+    np.save(files[1], np.zeros((3, 8, 8), np.uint8))  # same key, wrong shape
+    files[2].write_bytes(b"not a numpy file")
+    fresh = build_datasets(_cfg(manifest, augment=False, cache="disk", cache_dir=tmp_path), GREY).train
+    for i in range(3):
+        torch.testing.assert_close(fresh[i]["image"], expected[i])
+        assert np.load(files[i]).shape == (1, 32, 32)
+
+
 def test_disk_cache_is_keyed_by_transform_config(manifest, tmp_path):
     a = build_datasets(_cfg(manifest, cache="disk", cache_dir=tmp_path), RGB).train
     b = build_datasets(_cfg(manifest, cache="disk", cache_dir=tmp_path), InputSpec(48, 3, RGB.mean, RGB.std)).train
@@ -174,8 +226,15 @@ def test_worker_augmentation_is_seeded_and_changes_per_epoch(manifest):
 def test_pipeline_feeds_a_timm_model(manifest):
     model = create_model("test_resnet", 3, in_chans=1)
     spec = input_spec(model, image_size=32, channels=1)
-    cfg = _cfg(manifest, channels=1, cache="memory")
-    batch = next(iter(build_loaders(build_datasets(cfg, spec), cfg)["train"]))
+    cfg = _cfg(manifest, channels=1, cache="memory", num_workers=2)
+    bundle = build_datasets(cfg, spec)
+    loaders = build_loaders(bundle, cfg)
+    batch = next(iter(loaders["train"]))
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (4, 1, 32, 32)  # 4x fewer bytes
+    images = BatchInputs(spec, "cpu")(batch["image"])
     with torch.no_grad():
-        logits = model(batch["image"])
+        logits = model(images)
     assert logits.shape == (4, 3) and np.isfinite(logits.numpy()).all()
+    val = next(iter(loaders["val"]))  # no augmentation: exactly the dataset's own normalized items
+    expected = torch.stack([bundle.val[int(i)]["image"] for i in val["index"]])
+    torch.testing.assert_close(BatchInputs(spec, "cpu")(val["image"]), expected, atol=1e-5, rtol=0)

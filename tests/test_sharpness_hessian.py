@@ -18,6 +18,7 @@ from medgcsam.sharpness import (
     lanczos_top_eigs,
     power_iteration,
     slq_density,
+    start_vector,
 )
 
 F64 = torch.float64
@@ -201,6 +202,42 @@ def test_lanczos_on_mlp_matches_eigvalsh():
     res = lanczos_top_eigs(op, op.dim, k=3, max_steps=100, tol=1e-9, dtype=F64)
     np.testing.assert_allclose(res.values, exact, rtol=1e-6)
     assert op.hvp_count == res.hvps
+
+
+def test_operator_gradient_is_the_weighted_mean_gradient():
+    model = conv_bn().eval()
+    batches = [data(3, (2, 6, 6), seed=1), data(5, (2, 6, 6), seed=2)]
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    expected = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    expected = torch.cat([g.reshape(-1) for g in expected])
+    torch.testing.assert_close(HessianOperator(model, batches).gradient(), expected)
+    single = HessianOperator(model, [(x, y)])
+    torch.testing.assert_close(single.gradient(), expected)  # read off the retained graph
+    assert single.hvp_count == 0 and single._grads is not None
+
+
+def test_gradient_start_finds_the_top_eigenvalue_in_fewer_products():
+    model = mlp(3).eval()
+    batches = [data(60, (10,), seed=3)]
+    exact = float(torch.linalg.eigvalsh(dense_hessian(model, batches))[-1])
+    runs = {}
+    for start in ("random", "gradient"):
+        op = HessianOperator(model, batches)
+        direction = op.gradient() if start == "gradient" else None
+        runs[start] = lanczos_top_eigs(op, op.dim, max_steps=100, tol=1e-4, dtype=F64, start=direction)
+        assert runs[start].converged and runs[start].values[0] == pytest.approx(exact, rel=1e-6)
+    assert runs["gradient"].hvps < runs["random"].hvps
+
+
+def test_start_direction_orthogonal_to_the_top_eigenvector_still_finds_it():
+    a = designed(SPECTRUM)
+    second = torch.linalg.eigh(a).eigenvectors[:, -2]  # the worst start: exactly the second eigenvector
+    res = lanczos_top_eigs(lambda v: a @ v, 200, max_steps=80, tol=1e-10, dtype=F64, start=second)
+    assert res.values[0] == pytest.approx(10.0, rel=1e-8)
+    v = start_vector(200, 0, F64, "cpu", direction=torch.zeros(200, dtype=F64))
+    torch.testing.assert_close(v, start_vector(200, 0, F64, "cpu"))  # zero gradient: the Gaussian start
+    assert float(v.norm()) == pytest.approx(1.0)
 
 
 # --- C. trace ------------------------------------------------------------------------------------

@@ -5,9 +5,16 @@ The deterministic output (read, channels, resize/pad; values in [0, 1]) is cache
   DataLoader workers) before training; a single tensor is shared copy-on-write with forked workers
   instead of being duplicated object by object.
 - ``disk``: one ``.npy`` per image under ``cache_dir/<hash of transform config>/``, keyed by the
-  file's sha256 (or path, size and mtime), so a changed config or a changed file never reuses a stale
-  entry; read back with ``allow_pickle=False``.
-Random augmentation and normalization run after the cache, every epoch.
+  file's sha256 (or path, size and mtime, taken when the dataset is built), so a changed config or a
+  changed file never reuses a stale entry, and concurrent jobs (DDP ranks, experiment cells) share
+  entries safely; read back with ``allow_pickle=False``.
+Random augmentation and normalization run after the cache, every epoch. DataLoaders fetch whole
+batches (``__getitems__``): the cached uint8 rows are gathered into a reused buffer and augmented
+there (``batched`` backend). Items of ``ds[i]`` are normalized float, as a model takes them. The
+training loaders of ``build_loaders`` instead carry uint8 batches (``transport="uint8"``), written
+straight into shared memory in the worker, and ``BatchInputs`` normalizes them on the device, the
+way timm's prefetch loader does: a float32 batch is 4x the bytes, and moving it between processes
+cost more than everything else in a cached epoch.
 """
 
 from __future__ import annotations
@@ -17,14 +24,15 @@ import json
 import os
 import random
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from monai.data.utils import set_rnd
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate, get_worker_info
 
 from medgcsam.config import DataConfig
 from medgcsam.data.manifest import included, manifest_sha256, read_manifest, resolve_root
@@ -44,6 +52,45 @@ def _to_uint8(img: torch.Tensor) -> torch.Tensor:
     return img.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor for one batch; in a DataLoader worker it is allocated in shared memory, as
+    ``default_collate`` does, so sending it to the main process copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    elem = torch.empty(0, dtype=dtype)
+    return elem.new(elem._typed_storage()._new_shared(int(np.prod(shape)))).view(shape)
+
+
+class BatchInputs:
+    """Moves a loader's image batch to ``device`` and finishes it there: uint8 batches (the transport
+    of ``build_loaders``) are normalized with the backbone's mean/std; float batches already are."""
+
+    def __init__(self, spec: InputSpecLike, device: torch.device | str) -> None:
+        std = torch.tensor(list(spec.std), dtype=torch.float32)[None, :, None, None]
+        mean = torch.tensor(list(spec.mean), dtype=torch.float32)[None, :, None, None]
+        self.device = torch.device(device)
+        self.scale, self.bias = (1.0 / (255.0 * std)).to(self.device), (-mean / std).to(self.device)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if images.dtype != torch.uint8:
+            return images
+        return images.float().mul_(self.scale).add_(self.bias)
+
+
+class CollatedItems(list):
+    """The items of one batch, plus that batch already collated (items are views into it)."""
+
+    def __init__(self, items: list[dict], batch: dict) -> None:
+        super().__init__(items)
+        self.batch = batch
+
+
+def collate_items(items: list) -> Any:
+    """``default_collate``, except that a batch ``ManifestDataset`` built already is passed on as is."""
+    return items.batch if isinstance(items, CollatedItems) else default_collate(items)
+
+
 class ManifestDataset(Dataset):
     """Items ``{"image": float (C, S, S) normalized, "label": int64, "index": int}`` for the rows of ``frame``.
 
@@ -52,9 +99,14 @@ class ManifestDataset(Dataset):
 
     def __init__(self, frame: pd.DataFrame, root: Path, class_names: list[str], spec: InputSpecLike, *,
                  modality: str = "generic", augment: bool = False, backend: str = "monai",
-                 cache: str = "none", cache_dir: Path | None = None, multiframe: str = "middle") -> None:
+                 cache: str = "none", cache_dir: Path | None = None, multiframe: str = "middle",
+                 transport: str = "float") -> None:
         if cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+        if transport not in ("float", "uint8"):
+            raise ValueError(f"transport must be 'float' (normalized) or 'uint8' (normalize with BatchInputs), "
+                             f"got {transport!r}")
+        self.transport = transport
         self.frame = frame.reset_index(drop=True)
         self.root = Path(root)
         self.class_names = list(class_names)
@@ -65,17 +117,21 @@ class ManifestDataset(Dataset):
         self.labels = torch.tensor([lookup[c] for c in self.frame["label"]], dtype=torch.int64)
         self.deterministic = deterministic_transforms(spec, modality, normalize=False, multiframe=multiframe)
         self.backend = backend
-        self.augment = random_transforms(spec, modality, backend) if augment else None
+        self.augment = random_transforms(spec, modality, backend, inplace=True) if augment else None
         self.normalize = normalize_transform(spec)
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}  # per-process scratch for batch fetches
+        self.aug_seed = 0  # with the batch's indices, seeds its augmentation (see ``_batch_seed``)
         self.config_hash = hashlib.sha256(
             json.dumps(transform_config(spec, modality, multiframe), sort_keys=True).encode()).hexdigest()[:16]
         self.cache_dir: Path | None = None
+        self._disk_keys: list[str] = []
         if cache == "disk":
             base = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "medgcsam" / "images"
             self.cache_dir = base / self.config_hash
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             (self.cache_dir / "transform_config.json").write_text(
                 json.dumps(transform_config(spec, modality, multiframe), indent=1, sort_keys=True))
+            self._disk_keys = [self._disk_key(i) for i in range(len(self.frame))]
         self._memory: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -91,7 +147,7 @@ class ManifestDataset(Dataset):
         return _to_uint8(self.deterministic({"image": self.paths[index]})["image"])
 
     def _disk_key(self, index: int) -> str:
-        sha = self.frame["sha256"].iloc[index]
+        sha = self.frame.at[index, "sha256"] if "sha256" in self.frame else ""
         if sha:
             return sha
         st = os.stat(self.paths[index])
@@ -99,12 +155,16 @@ class ManifestDataset(Dataset):
         return hashlib.sha256(key.encode()).hexdigest()
 
     def _from_disk(self, index: int) -> torch.Tensor:
-        target = self.cache_dir / f"{self._disk_key(index)}.npy"
+        target = self.cache_dir / f"{self._disk_keys[index]}.npy"
+        shape = (self.spec.channels, self.spec.image_size, self.spec.image_size)
         if target.is_file():
             try:
-                return torch.from_numpy(np.load(target, allow_pickle=False))
+                cached = np.load(target, allow_pickle=False)
+                if cached.shape == shape and cached.dtype == np.uint8:
+                    return torch.from_numpy(cached)
             except (ValueError, OSError):
-                target.unlink(missing_ok=True)  # torn or foreign file: rebuild it below
+                pass
+            target.unlink(missing_ok=True)  # torn or foreign file: rebuild it below
         img = _to_uint8(self.deterministic({"image": self.paths[index]})["image"])
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".npy.tmp")
         with os.fdopen(fd, "wb") as fh:
@@ -121,23 +181,71 @@ class ManifestDataset(Dataset):
         if self.cache == "memory":
             self._memory = torch.cat(chunks).contiguous()
 
-    # -- item ---------------------------------------------------------------------------------------
+    # -- items --------------------------------------------------------------------------------------
     def __getitem__(self, index: int) -> dict:
-        image = self.preprocessed(index)
-        if self.augment is not None and self.backend == "albumentations":
-            item = self.augment({"image": image})  # OpenCV works on the cached uint8 directly
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> CollatedItems:
+        """A batch's items; the DataLoader calls this once per batch, then ``collate_items``."""
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        if self.augment is not None:
+            self.augment.set_random_state(seed=self._batch_seed(idx))
+        if self.augment is not None and self.backend != "batched":  # per-item MONAI / albumentations, [0, 1]
+            x = torch.stack([self._augment_one(self.preprocessed(i)) for i in indices])
+            x = x.mul_(255.0).round_().clamp_(0.0, 255.0).to(torch.uint8)
         else:
-            item = {"image": image.float().div_(255.0)}
+            x = self._gather(idx)
             if self.augment is not None:
-                item = self.augment(item)
-        item = self.normalize(item)
-        return {"image": item["image"], "label": self.labels[index], "index": index}
+                self.augment({"image": x})  # uint8, in place, on this dataset's own buffer
+        if self.transport == "uint8":
+            images = _batch_tensor(tuple(x.shape), torch.uint8).copy_(x)
+        else:
+            images = self.normalize.transforms[0].into(x, _batch_tensor(tuple(x.shape), torch.float32), 1 / 255)
+        labels = self.labels[idx]
+        items = [{"image": images[j], "label": labels[j], "index": i} for j, i in enumerate(indices)]
+        return CollatedItems(items, {"image": images, "label": labels, "index": idx})
+
+    def _batch_seed(self, idx: torch.Tensor) -> int:
+        """Augmentation seed of one batch: a function of ``aug_seed`` and which rows it holds, in order.
+
+        Shuffled epochs compose different batches, so draws differ per epoch, yet a replayed epoch (resume,
+        another worker count) draws exactly the same."""
+        return zlib.crc32(idx.numpy().tobytes(), self.aug_seed & 0xFFFFFFFF)
+
+    def _buffer(self, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+        """A reused scratch tensor: fresh multi-megabyte allocations page-fault on every batch."""
+        buf = self._buffers.get(dtype)
+        if buf is None or buf.shape[0] < shape[0] or buf.shape[1:] != shape[1:]:
+            buf = self._buffers[dtype] = torch.empty(shape, dtype=dtype)
+        return buf[: shape[0]]
+
+    def _gather(self, idx: torch.Tensor) -> torch.Tensor:
+        shape = (len(idx), self.spec.channels, self.spec.image_size, self.spec.image_size)
+        raw = self._buffer(torch.uint8, torch.Size(shape))
+        if self._memory is not None:
+            return torch.index_select(self._memory, 0, idx, out=raw)
+        for j, i in enumerate(idx.tolist()):
+            raw[j] = self.preprocessed(i)
+        return raw
+
+    def _augment_one(self, image: torch.Tensor) -> torch.Tensor:
+        if self.backend == "albumentations":
+            return self.augment({"image": image})["image"]  # OpenCV works on the cached uint8 directly
+        return self.augment({"image": image.float().div_(255.0)})["image"]
 
     def without_augmentation(self) -> ManifestDataset:
         """Same rows and cache, no random part (sharpness subsets, train-set evaluation)."""
+        return self._clone(augment=None)
+
+    def with_transport(self, transport: str) -> ManifestDataset:
+        """Same rows, cache and random part, batches carried as ``transport`` ('float' or 'uint8')."""
+        if transport not in ("float", "uint8"):
+            raise ValueError(f"transport must be 'float' or 'uint8', got {transport!r}")
+        return self._clone(transport=transport)
+
+    def _clone(self, **changes: Any) -> ManifestDataset:
         clone = object.__new__(ManifestDataset)
-        clone.__dict__.update(self.__dict__)
-        clone.augment = None
+        clone.__dict__.update({**self.__dict__, **changes, "_buffers": {}})
         return clone
 
 
@@ -219,20 +327,22 @@ def build_datasets(cfg: DataConfig, spec: InputSpecLike) -> DataBundle:
 
 
 def seed_worker(worker_id: int) -> None:
-    """Distinct, reproducible random streams per worker for numpy, random and MONAI/albumentations."""
-    info = torch.utils.data.get_worker_info()
-    seed = info.seed % (2**32)
+    """Distinct, reproducible numpy/random streams per worker (augmentation is seeded per batch instead)."""
+    seed = torch.utils.data.get_worker_info().seed % (2**32)
     np.random.seed(seed)
     random.seed(seed)
-    set_rnd(info.dataset, seed)
 
 
 def build_loaders(bundle: DataBundle, cfg: DataConfig, *, distributed: bool = False,
                   seed: int = 0) -> dict[str, DataLoader]:
     """DataLoaders per split; train drops the last partial batch so every step has the same shape.
 
-    Workers are not persistent: each epoch's workers take their seeds from the loader's generator, which
-    the engine reseeds per epoch, so augmentation is reproducible across a mid-run resume."""
+    Batches carry uint8 images: pass ``batch["image"]`` through ``BatchInputs`` to get model input.
+
+    Workers are persistent (restarting them every epoch cost more than a cached epoch itself): the
+    augmentation of a batch is seeded from ``seed`` and the batch's own indices, not from worker state,
+    so it is the same whichever worker draws it, and the engine's per-epoch reseed of the loader's
+    generator (which fixes the shuffle) fixes the augmentation too, also across a mid-run resume."""
     loaders: dict[str, DataLoader] = {}
     for name, ds in bundle.splits().items():
         train = name == "train"
@@ -241,12 +351,14 @@ def build_loaders(bundle: DataBundle, cfg: DataConfig, *, distributed: bool = Fa
             raise ValueError(f"train split has {len(ds)} images, fewer than data.batch_size={batch}; with "
                              f"drop_last there would be no step: lower data.batch_size")
         ds.warm_cache(cfg.num_workers)
-        set_rnd(ds, seed)
+        ds = ds.with_transport("uint8")
+        ds.aug_seed = seed
         sampler = DistributedSampler(ds, shuffle=train, seed=seed, drop_last=train) if distributed else None
         loaders[name] = DataLoader(
             ds, batch_size=batch, shuffle=train and sampler is None, sampler=sampler, drop_last=train,
             num_workers=cfg.num_workers, worker_init_fn=seed_worker if cfg.num_workers else None,
-            generator=torch.Generator().manual_seed(seed), persistent_workers=False,
+            generator=torch.Generator().manual_seed(seed), persistent_workers=cfg.num_workers > 0,
+            collate_fn=collate_items,
             pin_memory=torch.cuda.is_available())
     return loaders
 

@@ -4,7 +4,8 @@ Three parts, kept apart because they are used apart:
 - deterministic: read, channel handling, aspect-preserving resize + zero pad, optional normalization.
   Without normalization it yields a [0, 1] image that datasets cache as uint8; with it, it is exactly
   what batch inference applies to a single file or ``read_image`` array.
-- random: modality-aware augmentation on the [0, 1] image (MONAI, or albumentations for speed).
+- random: modality-aware augmentation on the [0, 1] image: MONAI per item, albumentations per item, or
+  ``batched`` (one resampling call per batch in the worker; what keeps a cached epoch cheap).
 - normalize: the backbone's mean/std, always last.
 """
 
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.data import get_track_meta, set_track_meta
 from monai.transforms import (
     Compose,
@@ -32,6 +34,7 @@ from monai.transforms import (
 
 from medgcsam.data.io import Multiframe, read_image
 
+AUG_BACKENDS = ("monai", "albumentations", "batched")
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, what Pillow's "L" uses
 
 
@@ -168,6 +171,74 @@ class AlbumentationsAugmentd(MapTransform, Randomizable):
         return d
 
 
+class BatchAugmentd(MapTransform, Randomizable):
+    """The recipe applied to a (B, C, H, W) batch (or one (C, H, W) image), uint8 in 0..255 or float in
+    [0, 1]: parameters drawn for the whole batch at once, then per selected image a gamma, a flip and one
+    rotation+zoom resampling.
+
+    Per-item pipelines spend more on transform machinery, float copies and allocation than on pixels,
+    which is what bounds a cached epoch. Here a uint8 batch stays uint8: gamma is a 256-entry lookup,
+    the flip a copy, and only the images that are rotated go through float and back. ``inplace=True``
+    works on the caller's buffer (the dataset's own scratch), otherwise on a copy. Parameters come
+    from ``self.R``, which MONAI's ``set_rnd`` seeds per worker, so epochs reproduce exactly.
+    """
+
+    def __init__(self, keys: Sequence[Hashable], recipe: AugmentRecipe, inplace: bool = False) -> None:
+        super().__init__(keys)
+        self.recipe, self.inplace = recipe, inplace
+
+    def randomize(self, data: Any = None) -> None:
+        """Parameters are drawn per batch in ``__call__`` (their number depends on the batch size)."""
+
+    def _draw(self, n: int) -> dict[str, np.ndarray]:
+        r, rng = self.recipe, self.R
+        return {
+            "flip": rng.random_sample(n) < r.hflip,
+            "affine": rng.random_sample(n) < max(r.rotate_p, r.zoom_p),
+            "angle": np.deg2rad(rng.uniform(-r.rotate_deg, r.rotate_deg, n)),
+            "zoom": rng.uniform(r.zoom[0], r.zoom[1], n),
+            "gamma_on": rng.random_sample(n) < r.gamma_p,
+            "gamma": np.exp(rng.uniform(np.log(r.gamma[0]), np.log(r.gamma[1]), n)),
+        }
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = torch.as_tensor(d[key])
+            if img.dtype != torch.uint8:
+                img = img.to(torch.float32)
+            x = img if self.inplace else img.clone()
+            batch = x[None] if x.ndim == 3 else x
+            p = self._draw(batch.shape[0])
+            for i in np.flatnonzero(p["gamma_on"]):
+                _gamma_(batch[i], float(p["gamma"][i]))
+            for i in np.flatnonzero(p["flip"]):
+                batch[i] = batch[i].flip(-1)
+            for i in np.flatnonzero(p["affine"]):
+                batch[i] = _rotate_zoom(batch[i], float(p["angle"][i]), float(p["zoom"][i]))
+            d[key] = x
+        return d
+
+
+def _gamma_(img: torch.Tensor, gamma: float) -> None:
+    """``img ** gamma`` on [0, 1] in place; on uint8 through a lookup table (10x cheaper than ``pow``)."""
+    if img.dtype == torch.uint8:
+        lut = np.round((np.arange(256) / 255.0) ** gamma * 255.0).astype(np.uint8)
+        arr = img.numpy()
+        np.take(lut, arr, out=arr)
+    else:
+        img.clamp_(0.0, 1.0).pow_(gamma)
+
+
+def _rotate_zoom(img: torch.Tensor, angle: float, zoom: float) -> torch.Tensor:
+    """Rotate by ``angle`` (radians) and magnify by ``zoom`` about the centre, bilinear, zero outside."""
+    c, s = np.cos(angle) / zoom, np.sin(angle) / zoom  # output -> input sampling: the inverse transform
+    theta = torch.tensor([[[c, -s, 0.0], [s, c, 0.0]]], dtype=torch.float32)
+    grid = F.affine_grid(theta, [1, *img.shape], align_corners=False)
+    out = F.grid_sample(img[None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    return out.round_().clamp_(0, 255).to(torch.uint8) if img.dtype == torch.uint8 else out
+
+
 class UntrackedCompose(Compose):
     """Runs its transforms with MONAI metadata tracking off: plain tensors instead of MetaTensors make the
     random part ~1.6x faster, and nothing downstream needs provenance or inversion."""
@@ -204,6 +275,10 @@ class NormalizeChannelsd(MapTransform):
             d[key] = (torch.as_tensor(d[key], dtype=torch.float32) - self.mean) * self.inv_std
         return d
 
+    def into(self, x: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """``out = (x * scale - mean) / std`` in one pass (``x`` may be uint8 with ``scale=1/255``)."""
+        return torch.addcmul(-self.mean * self.inv_std, x, self.inv_std * scale, out=out)
+
 
 def normalize_transform(spec: InputSpecLike, keys: Sequence[Hashable] = ("image",)) -> Compose:
     """Backbone mean/std per channel; the last step of every pipeline."""
@@ -233,15 +308,19 @@ def deterministic_transforms(spec: InputSpecLike, modality: str = "generic", *, 
 
 
 def random_transforms(spec: InputSpecLike, modality: str = "generic", backend: str = "monai",
-                      keys: Sequence[Hashable] = ("image",)) -> Compose:
-    """Augmentation on the [0, 1] image, before normalization; recipes in ``AUGMENT_RECIPES``."""
+                      keys: Sequence[Hashable] = ("image",), inplace: bool = False) -> Compose:
+    """Augmentation on the [0, 1] image, before normalization; recipes in ``AUGMENT_RECIPES``.
+
+    ``inplace`` (``batched`` only) lets a caller that owns the buffer skip the defensive copy."""
     if modality not in AUGMENT_RECIPES:
         raise ValueError(f"unknown modality {modality!r}; use one of {sorted(AUGMENT_RECIPES)}")
     recipe = AUGMENT_RECIPES[modality]
     if backend == "albumentations":
         return Compose([AlbumentationsAugmentd(keys, recipe)])
+    if backend == "batched":
+        return Compose([BatchAugmentd(keys, recipe, inplace=inplace)])
     if backend != "monai":
-        raise ValueError(f"unknown augmentation backend {backend!r}; use 'monai' or 'albumentations'")
+        raise ValueError(f"unknown augmentation backend {backend!r}; use one of {AUG_BACKENDS}")
     steps: list[Callable] = []
     if recipe.hflip:
         steps.append(RandFlipd(keys, prob=recipe.hflip, spatial_axis=1))  # axis 1 of (H, W) = left/right

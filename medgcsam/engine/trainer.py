@@ -4,8 +4,8 @@ One code path for one process and ``torchrun``. A step never synchronizes with t
 and gradient norms stay on the device and are read between steps), the train batch shape is fixed
 (the loader drops the last partial batch), so the step can later be captured in a CUDA graph.
 
-Exact resume: every epoch reseeds Python/NumPy/torch, the loader's generator, the sampler and the
-dataset's MONAI random states from ``(seed, epoch)``; a mid-epoch resume replays the epoch's loader
+Exact resume: every epoch reseeds Python/NumPy/torch, the loader's generator and the sampler from
+``(seed, epoch)`` (augmentation is seeded by each batch's indices); a mid-epoch resume replays the epoch's loader
 up to the saved step without training on it, then restores the RNG states saved with the weights.
 """
 
@@ -26,14 +26,13 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
-from monai.data.utils import set_rnd
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from medgcsam.config import ConfigError, PipelineConfig
-from medgcsam.data.datasets import DataBundle, build_datasets, build_loaders
+from medgcsam.data.datasets import BatchInputs, DataBundle, build_datasets, build_loaders
 from medgcsam.engine import checkpoint as ckpt_io
 from medgcsam.engine.distributed import DistContext, broadcast, gather, init_distributed, shutdown
 from medgcsam.engine.metrics import MONITOR_KEYS, TrainMeter, classification_metrics, is_improvement
@@ -159,6 +158,7 @@ class _Training:
         self.loaders = build_loaders(self.bundle, dcfg, distributed=self.ctx.enabled, seed=cfg.train.seed)
         self.train_loader: DataLoader = self.loaders["train"]
         self.val_loader: DataLoader | None = self.loaders.get("val")
+        self.inputs = BatchInputs(in_spec, self.device)
         self.class_names = list(self.bundle.class_names)
         self.spec = ModelSpec(
             backbone=cfg.model.name, num_classes=len(self.class_names), in_chans=dcfg.channels,
@@ -306,8 +306,6 @@ class _Training:
             loader.generator.manual_seed(seed)
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
-        if loader.num_workers == 0:
-            set_rnd(loader.dataset, seed)
 
     def _train_epoch(self, pending_rng: dict[str, Any] | None, meter_state: dict[str, Any] | None) -> TrainMeter:
         cfg = self.cfg.train
@@ -332,7 +330,7 @@ class _Training:
         tick, seen = time.perf_counter(), 0
         while self.step_in_epoch < self.steps_per_epoch:
             batch = next(batches)
-            images = batch["image"].to(self.device, non_blocking=True)
+            images = self.inputs(batch["image"])
             labels = batch["label"].to(self.device, non_blocking=True)
             train_step(self.model, self.opt, self.criterion, images, labels, autocast=self.autocast,
                        scaler=self.scaler, no_sync=self.no_sync, meter=meter)
@@ -363,7 +361,7 @@ class _Training:
         with self.opt.unperturbed():
             for batch in loader:
                 with self.autocast():
-                    outs.append(self.raw(batch["image"].to(self.device, non_blocking=True)).float())
+                    outs.append(self.raw(self.inputs(batch["image"])).float())
                 ys.append(batch["label"])
                 idx.append(torch.as_tensor(batch["index"]))
         self.model.train()

@@ -12,6 +12,7 @@ from medgcsam.sharpness.spectrum import (
     lanczos_top_eigs,
     power_iteration,
     slq_density,
+    start_vector,
 )
 
 
@@ -43,4 +44,5 @@ __all__ = [
     "preserved_state",
     "random_direction",
     "slq_density",
+    "start_vector",
 ]

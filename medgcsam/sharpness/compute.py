@@ -63,7 +63,9 @@ def compute_sharpness(model: nn.Module, data: Dataset | Iterable, cfg: Sharpness
         op = HessianOperator(model, batches, F.cross_entropy, device=device)
         common = {"seed": cfg.seed, "dtype": op.dtype, "device": op.device}
         if cfg.method == "lanczos":
-            eig = lanczos_top_eigs(op, op.dim, cfg.top_k, max_steps=cfg.lanczos_steps, tol=cfg.tol, **common)
+            direction = op.gradient() if cfg.start == "gradient" else None
+            eig = lanczos_top_eigs(op, op.dim, cfg.top_k, max_steps=cfg.lanczos_steps, tol=cfg.tol,
+                                   start=direction, **common)
         else:
             eig = power_iteration(op, op.dim, cfg.top_k, max_iter=cfg.lanczos_steps, tol=cfg.tol, **common)
         trace = hutchinson_trace(op, op.dim, cfg.trace_probes, **common)

@@ -112,6 +112,24 @@ class HessianOperator:
         self.hvp_count += 1
         return out
 
+    def gradient(self) -> torch.Tensor:
+        """The flat gradient of the same sample-mean loss.
+
+        Lanczos starts from it: gradients lie mostly in the top eigenspace of the Hessian (Gur-Ari et al.
+        2018), so the top eigenvalue is found in a few products. With one batch and ``"rev"`` it is read
+        off the retained first-order graph, so it costs nothing extra."""
+        with exact_numerics():
+            if len(self.batches) == 1 and self.method == "rev":
+                if self._grads is None:
+                    self._grads = self._first_order(*self.batches[0])
+                return torch.cat([g.detach().reshape(-1) for g in self._grads])
+            out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+            for x, y in self.batches:
+                loss = self.criterion(self.model(x), y) * (len(y) / self.total)
+                grads = torch.autograd.grad(loss, self.params, allow_unused=True, materialize_grads=True)
+                out += torch.cat([g.reshape(-1) for g in grads])
+            return out
+
     def loss(self) -> torch.Tensor:
         """Sample-mean loss over all batches (no graph)."""
         with torch.no_grad(), exact_numerics():

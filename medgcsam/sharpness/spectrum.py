@@ -1,8 +1,11 @@
 """Eigenvalues, trace and spectral density of a symmetric operator given only ``matvec``.
 
 - :func:`lanczos_top_eigs`: Lanczos with full re-orthogonalisation; stops when the Ritz residual
-  ``|beta_m * s_m|`` (= ||H u - theta u|| for the Ritz pair) is below ``tol * |theta|`` for the
-  top k, so the answer is certified rather than merely "stopped changing".
+  ``|beta_m * s_m|`` (= ||H u - theta u||) is below ``tol * |theta|`` for the top k, so the answer
+  is certified rather than merely "stopped changing". (A gap-based bound ``r**2 / gap`` stops
+  sooner but, with gaps estimated from Ritz values, let 17% errors through at tol 1e-2 on designed
+  spectra, so it is not used.) Started from a given direction (the loss gradient) it needs fewer
+  products than from a random vector.
 - :func:`power_iteration`: PyHessian 0.1's ``eigenvalues()`` semantics (largest |lambda|,
   projection deflation, relative-change stop) for comparison with published numbers.
 - :func:`hutchinson_trace`: Rademacher probes, fixed count, mean and standard error.
@@ -97,12 +100,27 @@ class Eigen:
     vectors: torch.Tensor | None = None
 
 
+def start_vector(dim: int, seed: int, dtype: torch.dtype, device: torch.device | str,
+                 direction: torch.Tensor | None = None, noise: float = 0.1) -> torch.Tensor:
+    """A seeded Gaussian, or ``direction`` plus ``noise`` times a seeded Gaussian (both unit length).
+
+    The noise keeps a component along every eigenvector, so Lanczos cannot miss the top one even if
+    ``direction`` happens to be orthogonal to it; a zero ``direction`` falls back to the Gaussian."""
+    g = _gaussian(dim, seed, dtype, device)
+    g /= g.norm()
+    if direction is None:
+        return g
+    norm = direction.norm()
+    return g if not torch.isfinite(norm) or norm == 0 else direction.to(dtype) / norm + noise * g
+
+
 def lanczos_top_eigs(matvec: MatVec, dim: int, k: int = 1, *, max_steps: int = 40, tol: float = 1e-3,
                      seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                     return_vectors: bool = False) -> Eigen:
+                     return_vectors: bool = False, start: torch.Tensor | None = None) -> Eigen:
     """Largest ``k`` eigenvalues of a symmetric operator, each certified by its residual.
 
-    Converged when ``|beta_m s_{m,i}| <= tol * |theta_i|`` for the top ``k`` Ritz pairs.
+    Converged when ``|beta_m s_{m,i}| <= tol * |theta_i|`` for the top ``k`` Ritz pairs. ``start``
+    (e.g. the loss gradient) is the direction to start from, see :func:`start_vector`.
     """
     if k > dim:
         raise ValueError(f"asked for {k} eigenvalues of a {dim}-dimensional operator")
@@ -123,7 +141,7 @@ def lanczos_top_eigs(matvec: MatVec, dim: int, k: int = 1, *, max_steps: int = 4
         theta, _, res = residuals(run)
         return bool(np.all(res[-k:] <= tol * np.abs(theta[-k:])))
 
-    run = lanczos(counted, _gaussian(dim, seed, dtype, device), max_steps, stop=done)
+    run = lanczos(counted, start_vector(dim, seed, dtype, device, start), max_steps, stop=done)
     theta, s, res = residuals(run)
     top = np.argsort(theta)[::-1][:k]
     converged = bool(np.all(res[top] <= tol * np.abs(theta[top]))) and len(theta) >= k
