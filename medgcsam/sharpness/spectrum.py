@@ -34,8 +34,11 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _gaussian(dim: int, seed: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Seeded on the CPU, so a run reproduces on any device; drawn in float64 only for float64 operators
+    (for 11 M parameters a float64 draw took 0.3 s, a third of a Hessian-vector product)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(dim, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    draw = torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.randn(dim, generator=g, dtype=draw).to(device=device, dtype=dtype)
 
 
 def _rademacher(dim: int, g: torch.Generator, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
