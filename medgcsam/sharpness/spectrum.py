@@ -70,24 +70,24 @@ def lanczos(matvec: MatVec, v0: torch.Tensor, steps: int,
     dim = v0.numel()
     steps = min(steps, dim)
     basis = torch.empty(steps, dim, dtype=v0.dtype, device=v0.device)
-    basis[0] = v0 / v0.norm()
+    work = torch.empty(dim, dtype=v0.dtype, device=v0.device)  # one buffer: fresh 10 M-element vectors page-fault
+    torch.div(v0, v0.norm(), out=basis[0])
     run = LanczosRun([], [], basis[:1])
     for j in range(steps):
-        w = matvec(basis[j])
-        run.alphas.append(_dot(w, basis[j]))
+        hv = matvec(basis[j])
+        run.alphas.append(_dot(hv, basis[j]))
         q = basis[: j + 1]
-        norm = float(w.norm())
-        for _ in range(2):
-            w = torch.addmv(w, q.T, q @ w, alpha=-1)
+        norm = float(hv.norm())
+        w = torch.addmv(hv, q.T, q @ hv, alpha=-1, out=work)
+        beta = float(w.norm())
+        if beta < norm / 2**0.5:  # DGKS: most of hv was removed, so orthogonality needs a second pass
+            w.addmv_(q.T, q @ w, alpha=-1)
             beta = float(w.norm())
-            if beta >= norm / 2**0.5:
-                break
-            norm = beta
         run.betas.append(beta)
         run.basis = q
         if beta <= breakdown * max(abs(a) for a in run.alphas) or j + 1 == steps or (stop and stop(run)):
             break
-        basis[j + 1] = w / beta
+        torch.div(w, beta, out=basis[j + 1])
     return run
 
 
