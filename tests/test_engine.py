@@ -127,6 +127,7 @@ def _train_cli(config: Path, *extra: str) -> subprocess.Popen:
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(images, tmp_path):
     raw = tiny_config(images, tmp_path / "killed", "resume", "gcsam", epochs=2, checkpoint_every_steps=1)
     raw["data"]["batch_size"] = 2  # 8 steps per epoch: room to kill mid-epoch
+    raw["data"].update(augment=True, num_workers=2)  # augmented batches from persistent workers
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump(raw))
     last = tmp_path / "killed" / "resume" / "checkpoints" / "last.pt"
@@ -134,14 +135,14 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(images, tmp_path):
     proc = _train_cli(config)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if last.is_file() and load_checkpoint(last)["global_step"] >= 3:
+        if last.is_file() and load_checkpoint(last)["global_step"] >= 10:  # in epoch 2: persistent workers reused
             break
         time.sleep(0.02)
     assert proc.poll() is None, f"training ended before it could be killed:\n{proc.stdout.read()}"
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     killed = load_checkpoint(last)
-    assert killed["step"] > 0 and killed["global_step"] < 16, "the kill must land mid-epoch, before the end"
+    assert killed["step"] > 0 and 8 < killed["global_step"] < 16, "the kill must land mid-epoch 2, before the end"
 
     resumed = _train_cli(config, "--resume")
     output, _ = resumed.communicate(timeout=300)
@@ -157,6 +158,18 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(images, tmp_path):
     assert [h["train/loss"] for h in final["history"]] == [h["train/loss"] for h in expected["history"]]
     base_a, base_b = expected["optimizer"]["base"]["state"], final["optimizer"]["base"]["state"]
     assert all(torch.equal(base_a[i]["exp_avg_sq"], base_b[i]["exp_avg_sq"]) for i in base_a)
+
+
+def test_augmented_training_does_not_depend_on_the_worker_count(images, tmp_path):
+    """Each batch's augmentation is seeded by its indices, so in-process loading and two persistent workers
+    (which draw batches in turn, and keep their state across epochs) train bit-identical weights."""
+    weights = []
+    for workers in (0, 2):
+        raw = tiny_config(images, tmp_path / f"w{workers}", "workers", "sam", epochs=2)
+        raw["data"].update(augment=True, num_workers=workers)
+        result = train(PipelineConfig.model_validate(raw))
+        weights.append(load_checkpoint(result.checkpoint_dir / "last.pt")["model"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_resume_refuses_another_config(images, out):

@@ -32,7 +32,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate, get_worker_info
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    default_collate,
+    get_worker_info,
+)
 
 from medgcsam.config import DataConfig
 from medgcsam.data.manifest import included, manifest_sha256, read_manifest, resolve_root
@@ -341,8 +348,8 @@ def build_loaders(bundle: DataBundle, cfg: DataConfig, *, distributed: bool = Fa
 
     Workers are persistent (restarting them every epoch cost more than a cached epoch itself): the
     augmentation of a batch is seeded from ``seed`` and the batch's own indices, not from worker state,
-    so it is the same whichever worker draws it, and the engine's per-epoch reseed of the loader's
-    generator (which fixes the shuffle) fixes the augmentation too, also across a mid-run resume."""
+    so it is the same whichever worker draws it, and the engine's per-epoch reseed of the sampler (which
+    fixes the shuffle) fixes the augmentation too, also across a mid-run resume."""
     loaders: dict[str, DataLoader] = {}
     for name, ds in bundle.splits().items():
         train = name == "train"
@@ -353,9 +360,14 @@ def build_loaders(bundle: DataBundle, cfg: DataConfig, *, distributed: bool = Fa
         ds.warm_cache(cfg.num_workers)
         ds = ds.with_transport("uint8")
         ds.aug_seed = seed
-        sampler = DistributedSampler(ds, shuffle=train, seed=seed, drop_last=train) if distributed else None
+        # The shuffle has a generator of its own: the loader's generator also feeds worker seeds, drawn when a
+        # fresh iterator starts but not when persistent workers are reused, which would shift the permutation.
+        if distributed:
+            sampler = DistributedSampler(ds, shuffle=train, seed=seed, drop_last=train)
+        else:
+            sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed)) if train else None
         loaders[name] = DataLoader(
-            ds, batch_size=batch, shuffle=train and sampler is None, sampler=sampler, drop_last=train,
+            ds, batch_size=batch, sampler=sampler, drop_last=train,
             num_workers=cfg.num_workers, worker_init_fn=seed_worker if cfg.num_workers else None,
             generator=torch.Generator().manual_seed(seed), persistent_workers=cfg.num_workers > 0,
             collate_fn=collate_items,

@@ -4,7 +4,7 @@ One code path for one process and ``torchrun``. A step never synchronizes with t
 and gradient norms stay on the device and are read between steps), the train batch shape is fixed
 (the loader drops the last partial batch), so the step can later be captured in a CUDA graph.
 
-Exact resume: every epoch reseeds Python/NumPy/torch, the loader's generator and the sampler from
+Exact resume: every epoch reseeds Python/NumPy/torch and the sampler's shuffle from
 ``(seed, epoch)`` (augmentation is seeded by each batch's indices); a mid-epoch resume replays the epoch's loader
 up to the saved step without training on it, then restores the RNG states saved with the weights.
 """
@@ -301,11 +301,11 @@ class _Training:
     def _seed_epoch(self, epoch: int) -> None:
         seed = epoch_seed(self.cfg.train.seed, epoch)
         seed_everything(seed)
-        loader = self.train_loader
-        if loader.generator is not None:
-            loader.generator.manual_seed(seed)
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
+        sampler = self.train_loader.sampler
+        if getattr(sampler, "generator", None) is not None:  # RandomSampler: the shuffle of this epoch
+            sampler.generator.manual_seed(seed)
+        if hasattr(sampler, "set_epoch"):  # DistributedSampler
+            sampler.set_epoch(epoch)
 
     def _train_epoch(self, pending_rng: dict[str, Any] | None, meter_state: dict[str, Any] | None) -> TrainMeter:
         cfg = self.cfg.train
