@@ -68,15 +68,22 @@ def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return elem.new(elem._typed_storage()._new_shared(int(np.prod(shape)))).view(shape)
 
 
+def _checked_transport(transport: str) -> str:
+    if transport not in ("float", "uint8"):
+        raise ValueError(f"transport must be 'float' (normalized) or 'uint8' (normalize with BatchInputs), "
+                         f"got {transport!r}")
+    return transport
+
+
 class BatchInputs:
     """Moves a loader's image batch to ``device`` and finishes it there: uint8 batches (the transport
     of ``build_loaders``) are normalized with the backbone's mean/std; float batches already are."""
 
     def __init__(self, spec: InputSpecLike, device: torch.device | str) -> None:
-        std = torch.tensor(list(spec.std), dtype=torch.float32)[None, :, None, None]
-        mean = torch.tensor(list(spec.mean), dtype=torch.float32)[None, :, None, None]
+        norm = normalize_transform(spec).transforms[0]  # the same mean/std tensors as the item pipeline
         self.device = torch.device(device)
-        self.scale, self.bias = (1.0 / (255.0 * std)).to(self.device), (-mean / std).to(self.device)
+        self.scale = (norm.inv_std / 255.0)[None].to(self.device)
+        self.bias = (-norm.mean * norm.inv_std)[None].to(self.device)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
@@ -110,10 +117,7 @@ class ManifestDataset(Dataset):
                  transport: str = "float") -> None:
         if cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
-        if transport not in ("float", "uint8"):
-            raise ValueError(f"transport must be 'float' (normalized) or 'uint8' (normalize with BatchInputs), "
-                             f"got {transport!r}")
-        self.transport = transport
+        self.transport = _checked_transport(transport)
         self.frame = frame.reset_index(drop=True)
         self.root = Path(root)
         self.class_names = list(class_names)
@@ -198,8 +202,7 @@ class ManifestDataset(Dataset):
         if self.augment is not None:
             self.augment.set_random_state(seed=self._batch_seed(idx))
         if self.augment is not None and self.backend != "batched":  # per-item MONAI / albumentations, [0, 1]
-            x = torch.stack([self._augment_one(self.preprocessed(i)) for i in indices])
-            x = x.mul_(255.0).round_().clamp_(0.0, 255.0).to(torch.uint8)
+            x = _to_uint8(torch.stack([self._augment_one(self.preprocessed(i)) for i in indices]))
         else:
             x = self._gather(idx)
             if self.augment is not None:
@@ -246,9 +249,7 @@ class ManifestDataset(Dataset):
 
     def with_transport(self, transport: str) -> ManifestDataset:
         """Same rows, cache and random part, batches carried as ``transport`` ('float' or 'uint8')."""
-        if transport not in ("float", "uint8"):
-            raise ValueError(f"transport must be 'float' or 'uint8', got {transport!r}")
-        return self._clone(transport=transport)
+        return self._clone(transport=_checked_transport(transport))
 
     def _clone(self, **changes: Any) -> ManifestDataset:
         clone = object.__new__(ManifestDataset)

@@ -134,8 +134,8 @@ class AlbumentationsAugmentd(MapTransform, Randomizable):
     """Runs an albumentations recipe on a CHW image, uint8 (straight from the cache: OpenCV's fast path)
     or float in [0, 1]; returns float in [0, 1].
 
-    albumentations is ~10x faster than MONAI's torch resampling on CPU; MONAI's worker seeding
-    reaches it through ``set_random_state``.
+    albumentations is ~10x faster than MONAI's torch resampling on CPU; the dataset's per-batch
+    seeding reaches it through ``set_random_state``.
     """
 
     def __init__(self, keys: Sequence[Hashable], recipe: AugmentRecipe) -> None:
@@ -180,7 +180,8 @@ class BatchAugmentd(MapTransform, Randomizable):
     which is what bounds a cached epoch. Here a uint8 batch stays uint8: gamma is a 256-entry lookup,
     the flip a copy, and only the images that are rotated go through float and back. ``inplace=True``
     works on the caller's buffer (the dataset's own scratch), otherwise on a copy. Parameters come
-    from ``self.R``, which MONAI's ``set_rnd`` seeds per worker, so epochs reproduce exactly.
+    from ``self.R``, which the dataset reseeds per batch (``set_random_state``), so epochs reproduce
+    exactly.
     """
 
     def __init__(self, keys: Sequence[Hashable], recipe: AugmentRecipe, inplace: bool = False) -> None:
