@@ -18,7 +18,7 @@ import yaml
 from torch.nn.modules.module import register_module_forward_hook
 
 from medgcsam.config import ConfigError, PipelineConfig
-from medgcsam.engine import load_checkpoint, run_dir, train
+from medgcsam.engine import FinishError, load_checkpoint, run_dir, train
 from medgcsam.engine.schedule import lr_factor
 from medgcsam.engine.trainer import seed_everything
 from medgcsam.models import create_model
@@ -202,3 +202,22 @@ def test_end_of_training_evaluation_and_sharpness(images, out):
     assert spec["threshold"] is not None and spec["threshold"]["positive_class"] == "malignant"
     assert float(run.data.tags["operating_point.threshold"]) == pytest.approx(spec["threshold"]["value"], rel=1e-5)
     assert run.data.metrics["hessian_hvp_count"] > 0 and np.isfinite(run.data.metrics["hessian_top_eig"])
+
+
+def test_failed_stage_after_training_is_named_and_resume_finishes_it(images, tmp_path):
+    """An evaluation that cannot write its report fails as that stage (not as "logging"), keeps the
+    checkpoints, and ``resume=True`` then runs only what is left: no new epoch, evaluation logged."""
+    raw = tiny_config(images, tmp_path, "late-fail", "adam", epochs=1)
+    raw["evaluation"] = {"enabled": True, "positive_class": "malignant", "bootstrap": 20}
+    cfg = PipelineConfig.model_validate(raw)
+    blocker = run_dir(cfg) / "evaluation"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("a file where the evaluation folder goes")
+    with pytest.raises(FinishError, match=r"the end-of-training evaluation failed \((FileExistsError|NotADirectory)"):
+        train(cfg)
+    assert (run_dir(cfg) / "checkpoints" / "best.pt").is_file()
+    blocker.unlink()
+    result = train(cfg, resume=True)
+    run = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result.run_id)
+    assert run.info.status == "FINISHED" and "test/accuracy" in run.data.metrics
+    assert len(result.epoch_times) == 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-_EXPORTS = {"TrainResult": "trainer", "run_dir": "trainer", "train": "trainer",
+_EXPORTS = {"FinishError": "trainer", "TrainResult": "trainer", "run_dir": "trainer", "train": "trainer",
             "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint"}
 
 __all__ = sorted(_EXPORTS)

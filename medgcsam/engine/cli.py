@@ -19,7 +19,7 @@ def train_command(
                                             "sqlite under output_dir)"),
 ) -> None:
     """Train a classifier with the pipeline's optimizer, track it in MLflow and register the model."""
-    from medgcsam.engine import train
+    from medgcsam.engine import FinishError, train
     from medgcsam.tracking import TrackingError
 
     rank = int(os.environ.get("RANK", "0"))
@@ -28,7 +28,7 @@ def train_command(
     try:
         cfg = load_config(pipeline, overrides)
         result = train(cfg, resume=resume, tracking_uri=tracking_uri)
-    except (ConfigError, TrackingError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, TrackingError, FinishError, FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     if rank != 0:

@@ -18,7 +18,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,11 @@ from medgcsam.tracking import figures as figs
 log = logging.getLogger(__name__)
 
 _METRIC_KEY = re.compile(r"[^\w\-. /]")  # characters MLflow refuses in metric keys
+
+
+class FinishError(RuntimeError):
+    """Training finished and its checkpoints are on disk, but a stage after it (logging, evaluation,
+    sharpness, model registration) failed; ``--resume`` runs the remaining stages."""
 
 
 @dataclass
@@ -428,31 +433,43 @@ class _Training:
         trace_csv.write_text("step,grad_norm,grad_norm_gc\n" + "".join(
             f"{int(s)},{a:.8g},{b:.8g}\n" for s, a, b in self.grad_trace), encoding="utf-8")
         self.metrics_log.close()
-        try:
-            mlflow.log_artifact(str(trace_csv), "training")
-            mlflow.log_dict({"history": self.history, "epoch_times": self.epoch_times}, "training/history.json")
-            for fig, name in ((figs.curves_figure(self.history), "training/curves.png"),
-                              (figs.grad_norm_figure(*zip(*self.grad_trace, strict=True)) if self.grad_trace
-                               else None, "training/grad_norm.png")):
-                if fig is not None:
-                    mlflow.log_figure(fig, name)
-                    figs.close(fig)
-            if cfg.evaluation.enabled:
-                self._evaluate()
-            if cfg.sharpness.enabled:
-                self._sharpness()
-            if not cfg.tracking.log_model:
-                return None, None
-            from medgcsam.inference.package import log_classifier
-
-            alias = cfg.tracking.alias if cfg.tracking.register_as else None
-            info = log_classifier(self.raw, self.spec, name="model", registered_model_name=cfg.tracking.register_as,
-                                  alias=alias)
-        except Exception as exc:  # the weights are safe on disk; say where and how to finish
-            raise TrackingError(f"training finished but logging to {self.uri} failed ({exc}); the weights are in "
-                                f"{self.ckpt_dir / ckpt_io.BEST}; rerun with --resume to log them") from exc
+        stages: list[tuple[str, Callable[[], Any]]] = [
+            (f"logging the training curves to {self.uri}", lambda: self._log_training(trace_csv))]
+        if cfg.evaluation.enabled:
+            stages.append(("the end-of-training evaluation", self._evaluate))
+        if cfg.sharpness.enabled:
+            stages.append(("the end-of-training sharpness", self._sharpness))
+        if cfg.tracking.log_model:
+            stages.append((f"logging the model to {self.uri}", self._log_model))
+        info = None
+        for what, stage in stages:
+            try:
+                info = stage()
+            except Exception as exc:  # the weights are safe on disk; say which stage failed and how to finish
+                raise FinishError(f"training finished but {what} failed ({type(exc).__name__}: {exc}); the weights "
+                                  f"are in {self.ckpt_dir / ckpt_io.BEST}; rerun with --resume to finish") from exc
+        if info is None:
+            return None, None
         version = info.registered_model_version
         return info.model_uri, str(version) if version is not None else None
+
+    def _log_training(self, trace_csv: Path) -> None:
+        mlflow.log_artifact(str(trace_csv), "training")
+        mlflow.log_dict({"history": self.history, "epoch_times": self.epoch_times}, "training/history.json")
+        for fig, name in ((figs.curves_figure(self.history), "training/curves.png"),
+                          (figs.grad_norm_figure(*zip(*self.grad_trace, strict=True)) if self.grad_trace
+                           else None, "training/grad_norm.png")):
+            if fig is not None:
+                mlflow.log_figure(fig, name)
+                figs.close(fig)
+
+    def _log_model(self) -> Any:
+        from medgcsam.inference.package import log_classifier
+
+        cfg = self.cfg
+        alias = cfg.tracking.alias if cfg.tracking.register_as else None
+        return log_classifier(self.raw, self.spec, name="model", registered_model_name=cfg.tracking.register_as,
+                              alias=alias)
 
     def _evaluate(self) -> None:
         """Operating point and calibration chosen on validation, then reported on every split."""
