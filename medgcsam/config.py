@@ -139,8 +139,8 @@ class SharpnessConfig(_Strict):
     start: Literal["gradient", "random"] = Field(
         "gradient", description="Lanczos start: the loss gradient (plus 10% noise; few products) or a Gaussian")
     lanczos_steps: int = Field(30, ge=2)
-    trace_probes: int = Field(50, ge=1)
-    density_probes: int = Field(1, ge=1)
+    trace_probes: int = Field(50, ge=0, description="Hutchinson probes; 0 skips the trace")
+    density_probes: int = Field(1, ge=0, description="SLQ runs; 0 skips the density (each costs density_steps HVPs)")
     density_steps: int = Field(80, ge=2)
     seed: int = 0
 

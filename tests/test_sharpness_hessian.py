@@ -344,6 +344,23 @@ def test_compute_sharpness_restores_model_and_logs_counts(backbone, size, tmp_pa
     assert {p.name for p in tmp_path.iterdir()} >= {"sharpness.json", "esd.npz", "esd_density.png"}
 
 
+def test_top_eigenvalue_only_skips_trace_and_density(tmp_path):
+    """trace_probes=0 and density_probes=0: the same certified top eigenvalue from the Lanczos products alone,
+    no trace or density metrics, no density files."""
+    model = conv_bn()
+    x, y = data(10, (2, 6, 6))
+    dataset = torch.utils.data.TensorDataset(x, y)
+    full_cfg = SharpnessConfig(n_samples=10, batch_size=4, lanczos_steps=40, tol=1e-8, trace_probes=3,
+                               density_probes=1, density_steps=5)
+    full = compute_sharpness(model, dataset, full_cfg)
+    only = compute_sharpness(model, dataset, full_cfg.model_copy(update={"trace_probes": 0, "density_probes": 0}),
+                             out_dir=tmp_path)
+    assert only["hessian_top_eig"] == full["hessian_top_eig"]
+    assert only["hessian_hvp_count"] == full["hessian_hvp_count"] - 3 - 5
+    assert not any(k.startswith(("hessian_trace", "hessian_esd")) for k in only)
+    assert {p.name for p in tmp_path.iterdir()} == {"sharpness.json"}
+
+
 def test_compute_sharpness_seeded_and_matches_solvers():
     model = conv_bn()
     x, y = data(10, (2, 6, 6))

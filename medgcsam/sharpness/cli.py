@@ -33,10 +33,14 @@ def sharpness_command(
                                 loaded.device, out_dir)
     with model_run(loaded, "sharpness") as run_id:
         log_sharpness(metrics, out_dir)
-    typer.echo(f"top eigenvalue {metrics['hessian_top_eig']:.6g} (residual {metrics['hessian_top_eig_residual']:.2g})"
-               f", trace {metrics['hessian_trace']:.6g} +- {metrics['hessian_trace_se']:.2g}, ESD median/mean/std "
-               f"{metrics['hessian_esd_median']:.4g}/{metrics['hessian_esd_mean']:.4g}/{metrics['hessian_esd_std']:.4g}"
-               f"; {int(metrics['hessian_hvp_count'])} HVPs in {metrics['hessian_wall_s']:.1f}s; MLflow run {run_id}")
+    parts = [f"top eigenvalue {metrics['hessian_top_eig']:.6g} (residual {metrics['hessian_top_eig_residual']:.2g})"]
+    if "hessian_trace" in metrics:
+        parts.append(f"trace {metrics['hessian_trace']:.6g} +- {metrics['hessian_trace_se']:.2g}")
+    if "hessian_esd_median" in metrics:
+        parts.append(f"ESD median/mean/std {metrics['hessian_esd_median']:.4g}/{metrics['hessian_esd_mean']:.4g}/"
+                     f"{metrics['hessian_esd_std']:.4g}")
+    typer.echo(", ".join(parts) + f"; {int(metrics['hessian_hvp_count'])} HVPs in {metrics['hessian_wall_s']:.1f}s; "
+               f"MLflow run {run_id}")
 
 
 def landscape_command(

@@ -54,8 +54,11 @@ def fixed_batches(data: Dataset | Iterable, n_samples: int, batch_size: int, see
 def compute_sharpness(model: nn.Module, data: Dataset | Iterable, cfg: SharpnessConfig,
                       device: torch.device | str = "cpu", out_dir: str | Path | None = None) -> dict[str, float]:
     """Metrics ``hessian_top_eig`` (and ``_2``.. for top_k), residual, ``hessian_min_eig`` (Lanczos),
-    ``hessian_trace`` +- ``hessian_trace_se``, ``hessian_esd_{median,mean,std}``, ``hessian_hvp_count``,
-    ``hessian_wall_s``. With ``out_dir``: ``sharpness.json``, ``esd.npz`` and ``esd_density.png``."""
+    ``hessian_trace`` +- ``hessian_trace_se`` (unless ``trace_probes`` is 0), ``hessian_esd_{median,mean,std}``
+    (unless ``density_probes`` is 0), ``hessian_hvp_count``, ``hessian_wall_s``. With ``out_dir``:
+    ``sharpness.json``, and ``esd.npz`` and ``esd_density.png`` when the density was computed.
+    An experiment that reports only the top eigenvalue sets both to 0: on a ResNet-50 they cost
+    most of the products."""
     start = time.perf_counter()
     batches = fixed_batches(data, cfg.n_samples, cfg.batch_size, cfg.seed)
     model.to(device)
@@ -68,17 +71,21 @@ def compute_sharpness(model: nn.Module, data: Dataset | Iterable, cfg: Sharpness
                                    start=direction, **common)
         else:
             eig = power_iteration(op, op.dim, cfg.top_k, max_iter=cfg.lanczos_steps, tol=cfg.tol, **common)
-        trace = hutchinson_trace(op, op.dim, cfg.trace_probes, **common)
-        density = slq_density(op, op.dim, cfg.density_steps, cfg.density_probes, **common)
+        trace = hutchinson_trace(op, op.dim, cfg.trace_probes, **common) if cfg.trace_probes else None
+        density = (slq_density(op, op.dim, cfg.density_steps, cfg.density_probes, **common)
+                   if cfg.density_probes else None)
     metrics: dict[str, float] = {"hessian_top_eig": eig.values[0], "hessian_top_eig_residual": eig.residuals[0]}
     for i, value in enumerate(eig.values[1:], start=2):
         metrics[f"hessian_top_eig_{i}"] = value
     if eig.min_value is not None:
         metrics["hessian_min_eig"] = eig.min_value
+    metrics["hessian_top_eig_converged"] = float(eig.converged)
+    if trace is not None:
+        metrics.update({"hessian_trace": trace.mean, "hessian_trace_se": trace.std_err})
+    if density is not None:
+        metrics.update({"hessian_esd_median": density.median, "hessian_esd_mean": density.mean,
+                        "hessian_esd_std": density.std})
     metrics.update({
-        "hessian_top_eig_converged": float(eig.converged),
-        "hessian_trace": trace.mean, "hessian_trace_se": trace.std_err,
-        "hessian_esd_median": density.median, "hessian_esd_mean": density.mean, "hessian_esd_std": density.std,
         "hessian_n_params": float(op.dim), "hessian_n_samples": float(op.total),
         "hessian_hvp_count": float(op.hvp_count), "hessian_wall_s": time.perf_counter() - start,
     })
@@ -87,13 +94,15 @@ def compute_sharpness(model: nn.Module, data: Dataset | Iterable, cfg: Sharpness
     return metrics
 
 
-def _write_sharpness(out: Path, metrics: dict[str, float], cfg: SharpnessConfig, density: Any,
+def _write_sharpness(out: Path, metrics: dict[str, float], cfg: SharpnessConfig, density: Any | None,
                      values: Sequence[float], residuals: Sequence[float]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     record = {"metrics": metrics, "settings": cfg.model_dump(), "top_eigenvalues": list(values),
               "residuals": list(residuals), "precision": {"dtype": "float32", "tf32": False, "sdpa": "math"},
               "operator": "mean cross-entropy, eval mode, no weight decay, all trainable parameters"}
     (out / "sharpness.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    if density is None:
+        return
     grid, curve = density.curve()
     np.savez(out / "esd.npz", nodes=np.concatenate(density.nodes), weights=np.concatenate(density.weights),
              run=np.concatenate([np.full(len(t), i) for i, t in enumerate(density.nodes)]), grid=grid, density=curve)
