@@ -16,7 +16,7 @@ import yaml
 from mlflow.entities import Metric
 
 from medgcsam.experiments import Experiment, grid_cells, mcnemar_exact, summarize
-from medgcsam.experiments.report import collect, paired_table, summary_table, write_report
+from medgcsam.experiments.report import collect, max_concurrent, paired_table, summary_table, write_report
 from medgcsam.experiments.runner import TAG_CELL, TIME_PER_EPOCH
 
 ACC = {"adam": [0.70, 0.72, 0.71], "sam": [0.74, 0.73, 0.76], "gcsam": [0.75, 0.77, 0.74]}
@@ -117,3 +117,24 @@ def test_report_written_and_logged(recorded):
     assert {"report/report.md", "report/cells.csv", "report/grad_norm_per_step.png"} <= logged
     cells = pd.read_csv(path.parent / "cells.csv")
     assert len(cells) == 8 and json.loads(cells.axis_values[0]) == {}
+    assert "Timing caveat" not in text  # the cells were recorded one after another
+
+
+def test_max_concurrent_counts_overlapping_runs():
+    df = pd.DataFrame({"start_ms": [0, 10, 20, 35, 100], "end_ms": [30, 40, 35, 50, None]})
+    assert max_concurrent(df) == 3  # 20-30: the first three; the fourth starts as the third ends
+    assert max_concurrent(df.iloc[[0, 3]]) == 1
+
+
+def test_report_flags_cells_that_shared_the_machine(tmp_path):
+    """Two cells whose runs overlap (as with --workers 2): the report says its time columns are not ratios."""
+    base = {"name": "shared", "output_dir": str(tmp_path / "out"), "data": {"manifest": "m.csv"}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(
+        {"name": "shared", "base": "base.yaml", "methods": ["adam", "sam"], "seeds": [0]}))
+    ex = Experiment(tmp_path / "exp.yaml")
+    first, second = (log_cell(ex, cell, tmp_path) for cell in grid_cells(ex.config))
+    later = ex.client.get_run(second).info.end_time + 1000
+    ex.client.set_terminated(first, "FINISHED", end_time=later)  # the first cell was still running
+    text = write_report(ex, ex.finished_runs()).read_text()
+    assert "**Timing caveat:** up to 2 of these cells were running at the same time" in text

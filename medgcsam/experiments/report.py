@@ -49,10 +49,24 @@ def collect(exp: Experiment, finished: dict[str, Run]) -> pd.DataFrame:
             row[label] = run.data.metrics.get(key, math.nan)
         row["time_per_epoch"] = run.data.metrics.get(TIME_PER_EPOCH, math.nan)
         row["time_to_best"] = run.data.metrics.get(TIME_TO_BEST, math.nan)
+        row["start_ms"], row["end_ms"] = run.info.start_time, run.info.end_time
         rows.append(row)
     columns = ["cell_id", "run_id", "method", "axis_values", "seed", "group", *exp.config.report.metrics,
-               "time_per_epoch", "time_to_best"]
+               "time_per_epoch", "time_to_best", "start_ms", "end_ms"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def max_concurrent(df: pd.DataFrame) -> int:
+    """Most cells whose runs were open at the same moment (MLflow start/end times).
+
+    Above 1, the time columns compare cells that shared the machine (workers, or a resumed cell whose
+    run spans other cells' runs), so they are not the optimizers' step-time ratios."""
+    events = sorted([(int(t), 1) for t in df.start_ms.dropna()] + [(int(t), -1) for t in df.end_ms.dropna()])
+    running = peak = 0
+    for _, delta in events:  # at equal times an end (-1) sorts before a start: touching runs do not overlap
+        running += delta
+        peak = max(peak, running)
+    return peak
 
 
 def group_label(method: str, axes: dict[str, Any]) -> str:
@@ -316,6 +330,12 @@ def write_report(exp: Experiment, finished: dict[str, Run]) -> Path:
         cols = ["group", "n seeds", *[m for m in cfg.report.metrics if m not in missing],
                 *[c for c in TIME_LABELS if c in summ.columns]]
         lines += ["## Results over seeds", "", markdown_table(summ, cols), ""]
+        shared = max_concurrent(df)
+        if shared > 1:
+            lines += [f"**Timing caveat:** up to {shared} of these cells were running at the same time (their MLflow "
+                      "runs overlap), so the time columns compare cells that shared the machine; they are not the "
+                      "optimizers' step-time ratios. Measure those with `benchmarks/train_step.py` on an idle "
+                      "machine.", ""]
         if missing:
             lines += [f"Not logged by any cell (left out): {', '.join(missing)}.", ""]
         paired = paired_table(df, cfg, load_predictions(exp, df))
