@@ -93,7 +93,7 @@ def test_short_run_each_pass_count(images, out, optimizer, passes):
     assert run.info.status == "FINISHED"
     assert run.data.params["optimizer.name"] == optimizer
     assert run.data.params["split.train.n"] == "16" and run.data.params["split.val.n"] == "16"
-    assert [m.step for m in client.get_metric_history(result.run_id, "val/loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(result.run_id, "val_epoch/loss")] == [1, 2]
     norms = client.get_metric_history(result.run_id, "train/grad_norm")
     assert len(norms) == 8 and all(np.isfinite(m.value) and m.value > 0 for m in norms)
     if optimizer == "gcsam":  # centralization removes the per-filter mean: the norm can only shrink

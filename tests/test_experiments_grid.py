@@ -94,6 +94,7 @@ def test_selection_stages(tmp_path):
         ({"pipeline": {"data": {"manifest": "m.csv"}}}, "exactly one of 'base'"),
         ({"report": {"primary": "nope"}}, "report.primary"),
         ({"selection": {"candidates": {"sam": [{"optimizer.rho": 0.2}]}}}, "either swept"),
+        ({"selection": {"metric": "val/balanced_accuracy"}}, "'val_epoch/balanced_accuracy'"),
     ],
 )
 def test_invalid_experiments_name_the_field(tmp_path, change, message):

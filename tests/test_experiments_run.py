@@ -92,7 +92,7 @@ def test_worker_cell_resume_and_growth(tmp_path, data_dir):
 
 
 def test_selection_protocol_end_to_end(tmp_path, data_dir):
-    sel = {"folds": 2, "seeds": [0], "metric": "val/balanced_accuracy",
+    sel = {"folds": 2, "seeds": [0], "metric": "val_epoch/balanced_accuracy",
            "candidates": {"gcsam": [{"optimizer.rho": 0.05}, {"optimizer.rho": 0.5}]}}
     sharpness = {"enabled": True, "n_samples": 8, "batch_size": 8, "lanczos_steps": 3, "trace_probes": 1,
                  "density_steps": 2, "tol": 0.1}

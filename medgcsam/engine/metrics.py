@@ -13,8 +13,11 @@ import numpy as np
 import torch
 from sklearn.metrics import balanced_accuracy_score, precision_recall_fscore_support, roc_auc_score
 
-MONITOR_KEYS = {"val_loss": "val/loss", "val_accuracy": "val/accuracy",
-                "val_balanced_accuracy": "val/balanced_accuracy", "val_auroc": "val/auroc"}
+# Per-epoch validation curves live under ``val_epoch/``; ``val/`` and ``test/`` belong to the evaluation of
+# the kept model, so MLflow's latest ``val/...`` value is that model's, not the last epoch's.
+EPOCH_PREFIX = "val_epoch"
+MONITOR_KEYS = {"val_loss": f"{EPOCH_PREFIX}/loss", "val_accuracy": f"{EPOCH_PREFIX}/accuracy",
+                "val_balanced_accuracy": f"{EPOCH_PREFIX}/balanced_accuracy", "val_auroc": f"{EPOCH_PREFIX}/auroc"}
 
 
 class TrainMeter:
@@ -70,7 +73,7 @@ class TrainMeter:
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-                           prefix: str = "val") -> dict[str, float]:
+                           prefix: str = EPOCH_PREFIX) -> dict[str, float]:
     """Loss, accuracy, balanced accuracy, macro AUROC and per-class precision/sensitivity/F1."""
     num_classes = len(class_names)
     logits_t = torch.from_numpy(logits).double()

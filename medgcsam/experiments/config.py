@@ -49,11 +49,19 @@ class SelectionConfig(_Strict):
 
     folds: int = Field(5, ge=2)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    metric: str = "val/balanced_accuracy"
+    metric: str = "val_epoch/balanced_accuracy"
     mode: Literal["max", "min"] = "max"
     candidates: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
     final_epochs: int | None = Field(None, ge=1)
     final_val_fold: int | None = Field(0, ge=0)
+
+    @field_validator("metric")
+    @classmethod
+    def _per_epoch(cls, v: str) -> str:
+        if v.startswith(("val/", "test/")):
+            raise ValueError(f"{v!r} is logged by the end-of-training evaluation, which CV cells skip; select on a "
+                             f"per-epoch curve such as {'val_epoch/' + v.split('/', 1)[1]!r}")
+        return v
 
 
 class ReportConfig(_Strict):

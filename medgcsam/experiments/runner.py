@@ -186,7 +186,8 @@ class Experiment:
         history = {m.step: m.value for m in self.client.get_metric_history(run.info.run_id, key)}
         if not history:
             raise ExperimentError(f"CV cell {cell.id} ({cell.name}) logged no metric {key!r} (it has "
-                                  f"{sorted(run.data.metrics)[:15]}); set selection.metric to a validation metric")
+                                  f"{sorted(run.data.metrics)[:15]}); set selection.metric to a per-epoch curve, "
+                                  "e.g. val_epoch/balanced_accuracy")
         best = int(run.data.metrics.get(BEST_EPOCH, max(history)))
         return float(history.get(best, history[max(history)]))
 

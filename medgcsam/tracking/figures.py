@@ -17,10 +17,10 @@ def curves_figure(history: Sequence[dict[str, float]]) -> Figure:
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
-        for split in ("train", "val"):
-            key = f"{split}/{metric}"
+        for prefix, label in (("train", "train"), ("val_epoch", "val")):
+            key = f"{prefix}/{metric}"
             if any(key in h for h in history):
-                ax.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=split)
+                ax.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=label)
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.legend()
