@@ -18,7 +18,7 @@ from PIL import Image
 from medgcsam.config import ConfigError
 from medgcsam.experiments import CandidateResult, Experiment, cv_cells, select, simplicity_key
 from medgcsam.experiments.presets import PRESETS
-from medgcsam.experiments.runner import TAG_CELL
+from medgcsam.experiments.runner import TAG_CELL, TAG_SUPERSEDED
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,6 +89,29 @@ def test_worker_cell_resume_and_growth(tmp_path, data_dir):
     grown = Experiment(path, ["methods=[adam, gcsam, gc_adam]"]).run()
     assert len(grown.ran) == 1 and len(grown.skipped) == 2  # only the new method's cell
     assert len(children(ex)) == 3
+
+
+def test_killed_attempt_is_marked_when_the_cell_finishes(tmp_path, data_dir):
+    """A cell whose earlier attempt died mid-run (its child run left RUNNING, its checkpoints gone) trains again
+    from scratch; the dead run is then marked KILLED and points at the run that finished the cell."""
+    path = write_experiment(tmp_path, data_dir, {"name": "crash", "methods": ["adam"], "seeds": [0]})
+    ex = Experiment(path)
+    cell = ex.plan()[0]
+    dead = ex.client.create_run(ex.experiment_id(), run_name=cell.name,
+                                tags={"mlflow.parentRunId": ex.parent_run_id()}).info.run_id
+    other = ex.client.create_run(ex.experiment_id(), run_name="grid/other/seed0",
+                                 tags={"mlflow.parentRunId": ex.parent_run_id()}).info.run_id
+    summary = ex.run()
+    done = ex.finished_runs()[cell.id].info.run_id
+    assert summary.ran == [cell.id] and done != dead
+    stale = ex.client.get_run(dead)
+    assert stale.info.status == "KILLED" and stale.data.tags[TAG_SUPERSEDED] == done
+    assert ex.client.get_run(other).info.status == "RUNNING"  # another cell's run is not touched
+    # a dead attempt left over from before (e.g. a store from an older version): swept by the collecting run
+    late = ex.client.create_run(ex.experiment_id(), run_name=cell.name,
+                                tags={"mlflow.parentRunId": ex.parent_run_id()}).info.run_id
+    assert Experiment(path).run().ran == []
+    assert ex.client.get_run(late).info.status == "KILLED" and ex.finished_runs()[cell.id].info.run_id == done
 
 
 def test_selection_protocol_end_to_end(tmp_path, data_dir):

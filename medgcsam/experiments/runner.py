@@ -38,6 +38,7 @@ TAG_ROLE = "medgcsam.role"
 TAG_EXPERIMENT = "medgcsam.experiment"
 TAG_CELL = "medgcsam.cell_id"
 TAG_CELL_INFO = "medgcsam.cell"  # JSON: stage, method, settings, axes, seed, fold, candidate
+TAG_SUPERSEDED = "medgcsam.superseded_by"  # on a killed attempt of a cell: the run that finished it
 TIME_PER_EPOCH = "cell/time_per_epoch_s"
 TIME_TO_BEST = "cell/time_to_best_s"
 WALL_TIME = "cell/wall_time_s"
@@ -223,6 +224,7 @@ class Experiment:
             analyse_cell(self.client, result.run_id, result.model, cfg,
                          landscape_points=self.config.report.landscape_points)
         self.record_cell(result.run_id, cell, metrics)
+        self._supersede({cell.name: result.run_id})
         if not self.config.keep_checkpoints:  # finished and tagged: a rerun skips it, its checkpoints are dead weight
             shutil.rmtree(result.checkpoint_dir, ignore_errors=True)
         return result.run_id
@@ -241,6 +243,21 @@ class Experiment:
                 "seed": cell.seed, "fold": cell.fold, "candidate": cell.candidate}
         self.client.set_tag(run_id, TAG_CELL_INFO, json.dumps(info, default=str))
         self.client.set_tag(run_id, TAG_CELL, cell.id)
+
+    def _supersede(self, done: dict[str, str]) -> None:
+        """Mark earlier attempts of finished cells (``done``: run name -> the run that finished the cell) that
+        were killed mid-run (still RUNNING in the store: SIGKILL, a lost machine) as KILLED, tagged with the
+        run that finished the cell, so the store shows one live run per cell. A resumed attempt is the
+        finishing run itself and is left alone."""
+        running = self.client.search_runs(
+            [self.experiment_id()],
+            f"tags.`mlflow.parentRunId` = '{self.parent_run_id()}' and attributes.status = 'RUNNING'",
+            max_results=10_000)
+        for run in running:  # names compared here: a cell name may hold characters the filter syntax does not
+            finisher = done.get(run.info.run_name)
+            if finisher is not None and run.info.run_id != finisher:
+                self.client.set_tag(run.info.run_id, TAG_SUPERSEDED, finisher)
+                self.client.set_terminated(run.info.run_id, "KILLED")
 
     def _spawn(self, cell: Cell) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "medgcsam", "experiment", str(self.path), "--cell", cell.id]
@@ -308,6 +325,7 @@ class Experiment:
             self._run_stage(final_cells(self.config, summary.chosen), finished, workers, summary)
             finished = self.finished_runs()
         summary.pending = [c.id for c in self.plan(finished) if c.id not in finished]
+        self._supersede({run.info.run_name: run.info.run_id for run in finished.values()})
         if report:
             from .report import write_report
 
