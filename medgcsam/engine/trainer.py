@@ -433,25 +433,24 @@ class _Training:
         trace_csv.write_text("step,grad_norm,grad_norm_gc\n" + "".join(
             f"{int(s)},{a:.8g},{b:.8g}\n" for s, a, b in self.grad_trace), encoding="utf-8")
         self.metrics_log.close()
-        stages: list[tuple[str, Callable[[], Any]]] = [
-            (f"logging the training curves to {self.uri}", lambda: self._log_training(trace_csv))]
+        self._stage(f"logging the training curves to {self.uri}", lambda: self._log_training(trace_csv))
         if cfg.evaluation.enabled:
-            stages.append(("the end-of-training evaluation", self._evaluate))
+            self._stage("the end-of-training evaluation", self._evaluate)
         if cfg.sharpness.enabled:
-            stages.append(("the end-of-training sharpness", self._sharpness))
-        if cfg.tracking.log_model:
-            stages.append((f"logging the model to {self.uri}", self._log_model))
-        info = None
-        for what, stage in stages:
-            try:
-                info = stage()
-            except Exception as exc:  # the weights are safe on disk; say which stage failed and how to finish
-                raise FinishError(f"training finished but {what} failed ({type(exc).__name__}: {exc}); the weights "
-                                  f"are in {self.ckpt_dir / ckpt_io.BEST}; rerun with --resume to finish") from exc
-        if info is None:
+            self._stage("the end-of-training sharpness", self._sharpness)
+        if not cfg.tracking.log_model:
             return None, None
+        info = self._stage(f"logging the model to {self.uri}", self._log_model)
         version = info.registered_model_version
         return info.model_uri, str(version) if version is not None else None
+
+    def _stage(self, what: str, fn: Callable[[], Any]) -> Any:
+        """One step after training; a failure names it, since the weights are safe on disk and --resume finishes."""
+        try:
+            return fn()
+        except Exception as exc:
+            raise FinishError(f"training finished but {what} failed ({type(exc).__name__}: {exc}); the weights "
+                              f"are in {self.ckpt_dir / ckpt_io.BEST}; rerun with --resume to finish") from exc
 
     def _log_training(self, trace_csv: Path) -> None:
         mlflow.log_artifact(str(trace_csv), "training")
