@@ -80,16 +80,15 @@ class BatchInputs:
     of ``build_loaders``) are normalized with the backbone's mean/std; float batches already are."""
 
     def __init__(self, spec: InputSpecLike, device: torch.device | str) -> None:
-        norm = normalize_transform(spec).transforms[0]  # the same mean/std tensors as the item pipeline
         self.device = torch.device(device)
-        self.scale = (norm.inv_std / 255.0)[None].to(self.device)
-        self.bias = (-norm.mean * norm.inv_std)[None].to(self.device)
+        # the same mean/std as the item pipeline, applied in one kernel per batch
+        self.weight, self.bias = normalize_transform(spec).transforms[0].affine(1 / 255, self.device)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
         if images.dtype != torch.uint8:
             return images
-        return images.float().mul_(self.scale).add_(self.bias)
+        return torch.addcmul(self.bias, images, self.weight)
 
 
 class CollatedItems(list):

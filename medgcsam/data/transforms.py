@@ -276,9 +276,15 @@ class NormalizeChannelsd(MapTransform):
             d[key] = (torch.as_tensor(d[key], dtype=torch.float32) - self.mean) * self.inv_std
         return d
 
+    def affine(self, scale: float = 1.0, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weight, bias)`` with ``(x * scale - mean) / std == bias + x * weight``: one ``addcmul``, and
+        ``x`` may stay uint8 with ``scale=1/255``."""
+        return (self.inv_std * scale).to(device), (-self.mean * self.inv_std).to(device)
+
     def into(self, x: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """``out = (x * scale - mean) / std`` in one pass (``x`` may be uint8 with ``scale=1/255``)."""
-        return torch.addcmul(-self.mean * self.inv_std, x, self.inv_std * scale, out=out)
+        """``out = (x * scale - mean) / std`` in one pass."""
+        weight, bias = self.affine(scale)
+        return torch.addcmul(bias, x, weight, out=out)
 
 
 def normalize_transform(spec: InputSpecLike, keys: Sequence[Hashable] = ("image",)) -> Compose:

@@ -35,7 +35,7 @@ from medgcsam.config import ConfigError, PipelineConfig
 from medgcsam.data.datasets import BatchInputs, DataBundle, build_datasets, build_loaders
 from medgcsam.engine import checkpoint as ckpt_io
 from medgcsam.engine.distributed import DistContext, broadcast, gather, init_distributed, shutdown
-from medgcsam.engine.metrics import MONITOR_KEYS, TrainMeter, classification_metrics, is_improvement
+from medgcsam.engine.metrics import EPOCH_PREFIX, MONITOR_KEYS, TrainMeter, classification_metrics, is_improvement
 from medgcsam.engine.schedule import build_scheduler
 from medgcsam.engine.step import autocast_factory, train_step
 from medgcsam.models.factory import create_model, input_spec
@@ -455,7 +455,7 @@ class _Training:
     def _log_training(self, trace_csv: Path) -> None:
         mlflow.log_artifact(str(trace_csv), "training")
         mlflow.log_dict({"history": self.history, "epoch_times": self.epoch_times}, "training/history.json")
-        for fig, name in ((figs.curves_figure(self.history), "training/curves.png"),
+        for fig, name in ((figs.curves_figure(self.history, EPOCH_PREFIX), "training/curves.png"),
                           (figs.grad_norm_figure(*zip(*self.grad_trace, strict=True)) if self.grad_trace
                            else None, "training/grad_norm.png")):
             if fig is not None:

@@ -62,6 +62,11 @@ def preserved_state(model: nn.Module) -> Iterator[nn.Module]:
             m.training = mode
 
 
+def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One detached flat vector in parameters_to_vector order."""
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
 class HessianOperator:
     """``H v`` for the mean ``criterion(model(x), y)`` over ``batches`` (staged on ``device`` once).
 
@@ -97,7 +102,7 @@ class HessianOperator:
 
     def flatten(self) -> torch.Tensor:
         """The current parameter values as one flat vector."""
-        return torch.cat([p.detach().reshape(-1) for p in self.params])
+        return _flat(self.params)
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a flat vector ``v`` of length ``dim``."""
@@ -106,7 +111,7 @@ class HessianOperator:
         with exact_numerics():
             for x, y in self.batches:
                 hv = self._hvp_rev(x, y, parts) if self.method == "rev" else self._hvp_fwd(x, y, parts)
-                flat = torch.cat([h.reshape(-1) for h in hv])
+                flat = _flat(hv)
                 weight = len(y) / self.total
                 out = (flat if weight == 1 else flat.mul_(weight)) if out is None else out.add_(flat, alpha=weight)
         self.hvp_count += 1
@@ -122,12 +127,12 @@ class HessianOperator:
             if len(self.batches) == 1 and self.method == "rev":
                 if self._grads is None:
                     self._grads = self._first_order(*self.batches[0])
-                return torch.cat([g.detach().reshape(-1) for g in self._grads])
+                return _flat(self._grads)
             out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
             for x, y in self.batches:
                 loss = self.criterion(self.model(x), y) * (len(y) / self.total)
                 grads = torch.autograd.grad(loss, self.params, allow_unused=True, materialize_grads=True)
-                out += torch.cat([g.reshape(-1) for g in grads])
+                out += _flat(grads)
             return out
 
     def loss(self) -> torch.Tensor:

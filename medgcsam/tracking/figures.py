@@ -12,12 +12,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 
-def curves_figure(history: Sequence[dict[str, float]]) -> Figure:
-    """Loss and accuracy per epoch, train vs validation."""
+def curves_figure(history: Sequence[dict[str, float]], val_prefix: str = "val") -> Figure:
+    """Loss and accuracy per epoch, train vs validation (keys ``train/...`` and ``<val_prefix>/...``)."""
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
-        for prefix, label in (("train", "train"), ("val_epoch", "val")):
+        for prefix, label in (("train", "train"), (val_prefix, "val")):
             key = f"{prefix}/{metric}"
             if any(key in h for h in history):
                 ax.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=label)
