@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
@@ -147,15 +148,19 @@ def test_operating_point_rules():
     p = np.clip(rng.normal(0.35 + 0.3 * y, 0.15), 0, 1)
     thr = choose_threshold(p, y, "youden", positive_class="malignant")
     fpr, tpr, cut = roc_curve(y, p)
-    assert thr.value == pytest.approx(cut[np.argmax(tpr - fpr)])
+    best = cut[np.argmax(tpr - fpr)]
+    # the same decisions as sklearn's best cut, with the threshold strictly between two observed scores
+    assert np.array_equal(p >= thr.value, p >= best)
+    assert thr.value < best and not np.isin(thr.value, p)
     assert thr.positive_class == "malignant" and thr.rule == "youden"
     sens = choose_threshold(p, y, "sensitivity", target_sensitivity=0.95)
     achieved = binary_counts(p >= sens.value, y)
     assert achieved["sensitivity"] >= 0.95
-    # the highest such threshold: the next observed score above it misses the target
+    # the highest such cut: the chosen score is the lowest one above the threshold, and the next one misses
     above = np.unique(p[p > sens.value])
-    if len(above):
-        assert binary_counts(p >= above[0], y)["sensitivity"] < 0.95
+    assert np.array_equal(p >= sens.value, p >= above[0])
+    if len(above) > 1:
+        assert binary_counts(p >= above[1], y)["sensitivity"] < 0.95
     with pytest.raises(ValueError, match="both are needed"):
         choose_threshold(p, np.zeros(500, bool))
     with pytest.raises(ValueError, match="target_sensitivity"):
@@ -172,3 +177,52 @@ def test_temperature_stays_bounded_on_separable_validation():
     t = fit_temperature(logits, np.array([0, 1, 0, 1]))
     assert t == pytest.approx(T_MIN, rel=1e-3)
     assert np.isfinite(softmax(logits, t)).all()
+
+
+def test_youden_ties_are_exact_and_the_threshold_survives_float32_scores():
+    """J = 1/3 at both 0.9 and 0.8: the higher one wins in exact arithmetic (float tpr - fpr picked 0.8)."""
+    p = np.array([0.9, 0.8, 0.8, 0.8, 0.8, 0.1])
+    y = np.array([1, 1, 1, 0, 0, 0], bool)
+    thr = choose_threshold(p, y)
+    assert np.array_equal(p >= thr.value, p >= 0.9)
+    # a validation image scored again in float32 at inference keeps its validation decision
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(400, 2)) * 2
+    probs = softmax(logits)[:, 1]
+    y = rng.random(400) < probs
+    for rule, target in (("youden", None), ("sensitivity", 0.9)):
+        t = choose_threshold(probs, y, rule, target).value
+        f32 = torch.softmax(torch.as_tensor(logits, dtype=torch.float32), dim=1)[:, 1].numpy()
+        assert np.array_equal(f32 >= t, probs >= t), rule
+
+
+def test_macro_figures_never_average_over_fewer_classes_inside_an_interval():
+    """A rare class missing from a resample makes the macro figures NaN there (skipped), not a 2-class mean."""
+    y = np.r_[np.zeros(29, int), np.ones(29, int), [2, 2]]
+    p = np.full((60, 3), 0.2)
+    p[np.arange(60), y] = 0.6
+    p[58:] = [0.6, 0.2, 0.1]
+    p /= p.sum(axis=1, keepdims=True)
+    present = np.unique(y)
+    ci = bootstrap_ci(lambda i: headline(p[i], y[i], CLASSES, macro_classes=present), 60, n_resamples=2000, seed=0)
+    point = headline(p, y, CLASSES)
+    for key in ("auroc_macro", "balanced_accuracy", "pr_auc_macro"):
+        assert ci[key].n_valid < 2000 and ci[key].high < 1.0, key
+        assert ci[key].low <= point[key] <= ci[key].high, key
+    # a split without a class averages over the classes it has; a one-class split has no macro AUROC or PR-AUC
+    two = y < 2
+    assert headline(p[two], y[two], CLASSES)["auroc_macro"] == pytest.approx(
+        np.mean([roc_auc_score(y[two] == k, p[two][:, k]) for k in (0, 1)]))
+    one = headline(p[y == 0], y[y == 0], CLASSES)
+    assert np.isnan(one["auroc_macro"]) and np.isnan(one["pr_auc_macro"])
+
+
+def test_nll_counts_confident_errors_in_full_and_bad_labels_are_named():
+    logits = np.array([[50.0, 0.0], [0.0, 3.0]])
+    y = np.array([1, 1])
+    expected = float(torch.nn.functional.cross_entropy(torch.as_tensor(logits), torch.as_tensor(y)))
+    assert headline(softmax(logits), y, ["a", "b"])["nll"] == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="outside 0..1 .*position 1"):
+        headline(softmax(logits), np.array([0, 2]), ["a", "b"])
+    with pytest.raises(ValueError, match="do not fit the model's 3 classes"):
+        headline(softmax(logits), y, CLASSES)

@@ -87,6 +87,17 @@ def _groups(frame: pd.DataFrame | None) -> np.ndarray | None:
     return np.where(missing, [f"__row{i}" for i in range(len(ids))], ids.to_numpy())
 
 
+def _check_finite(name: str, logits: np.ndarray, frame: pd.DataFrame | None) -> None:
+    """NaN or infinite outputs would be scored as class 0 and only fail later in a plot: name the images now."""
+    bad = np.flatnonzero(~np.isfinite(logits).all(axis=1))
+    if len(bad):
+        where = (frame["path"].iloc[bad[:3]].tolist() if frame is not None and "path" in frame.columns
+                 else [f"row {i}" for i in bad[:3]])
+        raise ValueError(f"split {name!r}: the model gave non-finite outputs for {len(bad)} of {len(logits)} images "
+                         f"(first: {', '.join(map(str, where))}); the weights have diverged or the input is broken, "
+                         f"so check the checkpoint and these files before evaluating")
+
+
 def _score_split(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.DataFrame | None, spec: ModelSpec,
                  cfg: EvaluationConfig, temperature: float, op: tuple[int, float] | None, seed: int) -> dict[str, Any]:
     classes = spec.class_names
@@ -96,13 +107,15 @@ def _score_split(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.DataFra
     groups = _groups(frame)
     point = headline(probs, y, classes, cfg.ece_bins, op)
     after = headline(calibrated, y, classes, cfg.ece_bins)
-    ci = bootstrap_ci(lambda idx: headline(probs[idx], y[idx], classes, cfg.ece_bins, op), len(y), groups=groups,
-                      n_resamples=cfg.bootstrap, seed=seed) if cfg.bootstrap > 0 else {}
+    present = np.unique(y)  # the classes the macro figures average over, fixed for every resample
+    ci = bootstrap_ci(lambda idx: headline(probs[idx], y[idx], classes, cfg.ece_bins, op, present), len(y),
+                      groups=groups, n_resamples=cfg.bootstrap, seed=seed) if cfg.bootstrap > 0 else {}
     out: dict[str, Any] = {
         "n_images": int(len(y)),
         "n_patients": int(len(np.unique(groups))) if groups is not None else None,
         "bootstrap": {"resamples": cfg.bootstrap, "unit": "patient" if groups is not None else "image"},
         "class_counts": {c: int(np.sum(y == k)) for k, c in enumerate(classes)},
+        "macro_classes": [classes[k] for k in present],
         "headline": point,
         "ci95": {k: {"low": v.low, "high": v.high, "n_valid": v.n_valid} for k, v in ci.items()},
         "per_class": per_class(cm, classes),
@@ -116,7 +129,8 @@ def _score_split(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.DataFra
         out["by_source"] = {}
         for source, idx in frame.groupby(frame["source"].astype(str)).indices.items():
             sub = headline(probs[idx], y[idx], classes, cfg.ece_bins, op)
-            entry = {"n_images": int(len(idx)), "accuracy": sub["accuracy"],
+            entry = {"n_images": int(len(idx)), "macro_classes": [classes[k] for k in np.unique(y[idx])],
+                     "accuracy": sub["accuracy"],
                      "balanced_accuracy": sub["balanced_accuracy"], "auroc_macro": sub["auroc_macro"]}
             if op is not None:
                 entry["operating_point"] = binary_counts(probs[idx, op[0]] >= op[1], y[idx] == op[0])
@@ -184,6 +198,7 @@ def evaluate(model: nn.Module, bundle: Any, spec: ModelSpec, cfg: EvaluationConf
         if frame is not None and len(frame) != len(preds[name][1]):
             raise ValueError(f"split {name!r}: {len(frame)} manifest rows but {len(preds[name][1])} predictions; "
                              f"bundle.frames must list the dataset's images in order")
+        _check_finite(name, preds[name][0], frame)
     val_logits, val_y = preds["val"]
     temperature = fit_temperature(val_logits, val_y)
     pos = _positive_index(spec, cfg)

@@ -74,10 +74,11 @@ def auroc(y_bin: np.ndarray, score: np.ndarray) -> float:
 
 
 def average_precision(y_bin: np.ndarray, score: np.ndarray) -> float:
-    """PR-AUC as step-wise average precision (scikit-learn's definition); NaN without positives."""
+    """PR-AUC as step-wise average precision (scikit-learn's definition); NaN with one class, like AUROC
+    (without negatives every precision is 1, which says nothing about discrimination)."""
     y_bin = np.asarray(y_bin, bool)
     n_pos = int(y_bin.sum())
-    if n_pos == 0:
+    if n_pos == 0 or n_pos == len(y_bin):
         return float("nan")
     order = np.argsort(-np.asarray(score), kind="mergesort")
     s, yb = np.asarray(score)[order], y_bin[order]
@@ -117,22 +118,31 @@ def brier(probs: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
 
 
-def nll(probs: np.ndarray, y: np.ndarray, eps: float = 1e-12) -> float:
-    """Mean negative log-likelihood of the true class."""
-    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], eps, None))))
+def nll(probs: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class.
+
+    Clipped only at float64's smallest normal number, so a confident error counts in full (a clip at 1e-12
+    capped each image at 27.6 nats); float64 softmax probabilities reach that floor only for logit gaps
+    beyond about 708."""
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], np.finfo(np.float64).tiny, None))))
 
 
 def headline(probs: np.ndarray, y: np.ndarray, class_names: Sequence[str], n_bins: int = 15,
-             threshold: tuple[int, float] | None = None) -> dict[str, float]:
+             threshold: tuple[int, float] | None = None, macro_classes: np.ndarray | None = None) -> dict[str, float]:
     """Flat dict of every scalar figure of one split (the bootstrap's statistic).
 
-    ``threshold`` = (positive class index, value) adds the frozen operating point's ratios.
+    ``threshold`` = (positive class index, value) adds the frozen operating point's ratios. The macro figures
+    (balanced accuracy, AUROC, PR-AUC) average over ``macro_classes``, by default the classes present in ``y``.
+    A bootstrap passes the whole split's set, so a resample that lacks one of those classes gets NaN (skipped,
+    and counted by ``n_valid``) instead of an average over fewer classes mixed into the interval.
     """
     k = len(class_names)
+    check_predictions(probs, y, class_names)
+    present = np.unique(y) if macro_classes is None else np.asarray(macro_classes, int)
     cm = confusion(y, probs.argmax(axis=1), k)
     out: dict[str, float] = {"accuracy": _ratio(np.trace(cm), cm.sum())}
     pc = per_class(cm, class_names)
-    out["balanced_accuracy"] = float(np.nanmean([pc[c]["sensitivity"] for c in class_names]))
+    out["balanced_accuracy"] = _macro([pc[c]["sensitivity"] for c in class_names], present)
     for c in class_names:
         for key in ("sensitivity", "specificity", "ppv", "npv", "f1"):
             out[f"{key}/{c}"] = pc[c][key]
@@ -142,8 +152,8 @@ def headline(probs: np.ndarray, y: np.ndarray, class_names: Sequence[str], n_bin
         out[f"auroc/{c}"] = aurocs[i]
         out[f"pr_auc/{c}"] = aps[i]
     # binary tasks: both one-vs-rest AUROCs are the same number, macro = that number
-    out["auroc_macro"] = _nanmean_or_nan(aurocs)
-    out["pr_auc_macro"] = _nanmean_or_nan(aps)
+    out["auroc_macro"] = _macro(aurocs, present)
+    out["pr_auc_macro"] = _macro(aps, present)
     out["ece"] = expected_calibration_error(probs, y, n_bins)
     out["brier"] = brier(probs, y)
     out["nll"] = nll(probs, y)
@@ -155,9 +165,21 @@ def headline(probs: np.ndarray, y: np.ndarray, class_names: Sequence[str], n_bin
     return out
 
 
-def _nanmean_or_nan(values: list[float]) -> float:
-    arr = np.asarray(values, float)
-    return float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
+def _macro(values: list[float], classes: np.ndarray) -> float:
+    """Mean over ``classes``; NaN when any of them is undefined (absent, or the only class present)."""
+    return float(np.mean(np.asarray(values, float)[classes])) if len(classes) else float("nan")
+
+
+def check_predictions(probs: np.ndarray, y: np.ndarray, class_names: Sequence[str]) -> None:
+    """Refuse scores and labels that do not fit the model's classes, before they become a reshape error."""
+    k = len(class_names)
+    if probs.ndim != 2 or probs.shape[1] != k or len(probs) != len(y):
+        raise ValueError(f"scores of shape {probs.shape} for {len(y)} labels do not fit the model's {k} classes "
+                         f"{list(class_names)}; the model's head and its class list disagree")
+    bad = np.flatnonzero((y < 0) | (y >= k))
+    if len(bad):
+        raise ValueError(f"{len(bad)} label(s) outside 0..{k - 1} (first at position {bad[0]}: {y[bad[0]]}); "
+                         f"the labels were not encoded with this model's classes {list(class_names)}")
 
 
 @dataclass(frozen=True)

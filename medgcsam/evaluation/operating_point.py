@@ -1,8 +1,9 @@
 """Operating points: a threshold on p(positive class) chosen on validation, then frozen.
 
-Registry of rules keyed by name, like the rest of medgcsam. The threshold is always one of the
-observed validation scores, so "p >= t" reproduces exactly the validation sensitivity it was
-chosen for.
+Registry of rules keyed by name, like the rest of medgcsam. A rule picks an observed validation
+score ``s`` (the decision ``p >= s``); the stored threshold is the midpoint between ``s`` and the next
+lower observed score. It makes the same decisions on validation, and a validation image scored again
+in another precision (float32 or bf16 at inference, float64 here) does not flip at the boundary.
 """
 
 from __future__ import annotations
@@ -15,31 +16,29 @@ from medgcsam.models.spec import Threshold
 
 
 def _roc_points(probs_pos: np.ndarray, y_pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Distinct candidate thresholds (descending) with the TPR and FPR of ``p >= t``."""
+    """Distinct observed scores (descending) with the true- and false-positive counts of ``p >= score``."""
     order = np.argsort(-probs_pos, kind="mergesort")
     s, yb = probs_pos[order], y_pos[order].astype(bool)
     last = np.r_[np.diff(s) != 0, True]
-    tp = np.cumsum(yb)[last]
-    fp = np.cumsum(~yb)[last]
-    return s[last], tp / max(int(yb.sum()), 1), fp / max(int((~yb).sum()), 1)
+    return s[last], np.cumsum(yb)[last], np.cumsum(~yb)[last]
 
 
-def _youden(probs_pos: np.ndarray, y_pos: np.ndarray, target_sensitivity: float | None) -> tuple[float, str]:
-    thr, tpr, fpr = _roc_points(probs_pos, y_pos)
-    best = int(np.argmax(tpr - fpr))  # first maximum = highest threshold among ties
-    return float(thr[best]), "youden"
+def _youden(scores: np.ndarray, tp: np.ndarray, fp: np.ndarray, target_sensitivity: float | None) -> tuple[int, str]:
+    n_pos, n_neg = int(tp[-1]), int(fp[-1])
+    # J * n_pos * n_neg in integers, so ties are exact; the first maximum is the highest score among them
+    return int(np.argmax(tp * n_neg - fp * n_pos)), "youden"
 
 
-def _sensitivity(probs_pos: np.ndarray, y_pos: np.ndarray, target_sensitivity: float | None) -> tuple[float, str]:
+def _sensitivity(scores: np.ndarray, tp: np.ndarray, fp: np.ndarray,
+                 target_sensitivity: float | None) -> tuple[int, str]:
     if target_sensitivity is None:
         raise ValueError("operating point rule 'sensitivity' needs target_sensitivity (e.g. 0.95)")
-    thr, tpr, _ = _roc_points(probs_pos, y_pos)
-    # the highest threshold reaching the target keeps specificity as high as possible
-    ok = np.flatnonzero(tpr >= target_sensitivity - 1e-12)
-    return float(thr[ok[0]]), f"sensitivity>={target_sensitivity:g}"
+    # the highest score reaching the target keeps specificity as high as possible
+    ok = np.flatnonzero(tp / tp[-1] >= target_sensitivity - 1e-12)
+    return int(ok[0]), f"sensitivity>={target_sensitivity:g}"
 
 
-RULES: dict[str, Callable[[np.ndarray, np.ndarray, float | None], tuple[float, str]]] = {
+RULES: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray, float | None], tuple[int, str]]] = {
     "youden": _youden,
     "sensitivity": _sensitivity,
 }
@@ -62,5 +61,8 @@ def choose_threshold(
     if y_pos.all() or not y_pos.any():
         raise ValueError(f"cannot choose an operating point for {positive_class!r}: the validation split has "
                          f"{int(y_pos.sum())} positives and {int((~y_pos).sum())} negatives; both are needed")
-    value, name = RULES[rule](probs_pos, y_pos, target_sensitivity)
+    scores, tp, fp = _roc_points(probs_pos, y_pos)
+    best, name = RULES[rule](scores, tp, fp, target_sensitivity)
+    below = scores[best + 1] if best + 1 < len(scores) else 0.0
+    value = (scores[best] + below) / 2
     return Threshold(positive_class=positive_class, value=float(np.clip(value, 0.0, 1.0)), rule=name)

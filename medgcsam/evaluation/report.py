@@ -19,6 +19,16 @@ def _with_ci(fig: dict[str, Any], key: str) -> str:
     return text
 
 
+def _macro_note(fig: dict[str, Any], classes: list[str]) -> list[str]:
+    """Say so when a split lacks a class: its macro figures then average over fewer classes than the model has."""
+    missing = [c for c in classes if c not in fig["macro_classes"]]
+    if not missing:
+        return []
+    return ["", f"This split has no images of {', '.join(missing)}: balanced accuracy and the macro AUROC and "
+            f"PR-AUC average over {', '.join(fig['macro_classes'])} only, and bootstrap resamples lacking one of "
+            "those are skipped for them (their n_valid)."]
+
+
 def _split_section(name: str, fig: dict[str, Any], classes: list[str], threshold: dict[str, Any] | None) -> list[str]:
     boot = fig["bootstrap"]
     lines = [f"## Split `{name}`", "",
@@ -29,7 +39,8 @@ def _split_section(name: str, fig: dict[str, Any], classes: list[str], threshold
     for key in ("accuracy", "balanced_accuracy", "auroc_macro", "pr_auc_macro", "ece", "brier", "nll"):
         lines.append(f"| {key} | {_with_ci(fig, key)} |")
     cal = fig["calibration"]
-    lines += [f"| ece after temperature scaling | {_num(cal['ece_calibrated'])} |", "",
+    lines.append(f"| ece after temperature scaling | {_num(cal['ece_calibrated'])} |")
+    lines += _macro_note(fig, classes) + ["",
               "### Per class (one-vs-rest, argmax decisions)", "",
               "| class | TP | FN | FP | TN | sensitivity | specificity | PPV | NPV | F1 | AUROC | PR-AUC |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -55,8 +66,9 @@ def _split_section(name: str, fig: dict[str, Any], classes: list[str], threshold
                   + (" | op sensitivity (TP/P) | op specificity (TN/N) |" if threshold else " |"),
                   "|---" * (7 if threshold else 5) + "|"]
         for source, s in fig["by_source"].items():
-            row = f"| {source} | {s['n_images']} | {_num(s['accuracy'])} | {_num(s['balanced_accuracy'])} | " \
-                  f"{_num(s['auroc_macro'])} |"
+            only = "" if len(s["macro_classes"]) == len(classes) else f" (over {', '.join(s['macro_classes'])})"
+            row = f"| {source} | {s['n_images']} | {_num(s['accuracy'])} | {_num(s['balanced_accuracy'])}{only} | " \
+                  f"{_num(s['auroc_macro'])}{only} |"
             if "operating_point" in s:
                 o = s["operating_point"]
                 row += f" {_num(o['sensitivity'])} ({o['tp']}/{o['tp'] + o['fn']}) | " \
