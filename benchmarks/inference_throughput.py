@@ -56,7 +56,7 @@ def main() -> None:
                      preprocessing=Preprocessing(image_size=ispec.image_size, channels=3, mean=list(ispec.mean),
                                                  std=list(ispec.std), modality="ultrasound"),
                      threshold=Threshold(positive_class=classes[-1], value=0.5, rule="benchmark"))
-    paths = find_images(args.data)[: args.limit]
+    paths = find_images(args.data)[0][: args.limit]
     with tempfile.TemporaryDirectory(prefix="medgcsam-bench-") as tmp:
         data = Path(tmp) / "in"
         for rel in paths:  # links, so --limit selects files without copying them

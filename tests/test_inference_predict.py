@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from typer.testing import CliRunner
 
 from medgcsam.cli import app
 from medgcsam.inference.package import load_classifier, log_classifier
-from medgcsam.inference.predict import PredictionError, errors_path, partial_path, predict
+from medgcsam.inference.predict import PredictionError, errors_path, model_path, partial_path, predict
 from medgcsam.models.factory import create_model
 from tests import test_inference_package as package_tests
 
@@ -111,7 +113,8 @@ def test_mixed_folder_predicts_good_files_and_lists_bad_ones(tmp_path, checkpoin
         assert words in errors[rel], (rel, errors[rel])
     assert str(data) not in errors_path(out).read_text()  # only paths relative to the input folder
     assert not partial_path(out).exists()
-    assert sorted(p.name for p in out.parent.iterdir()) == ["predictions.csv", "predictions.errors.csv"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["predictions.csv", "predictions.errors.csv",
+                                                            "predictions.model.json"]
 
     text = out.read_text() + errors_path(out).read_text() + result.output
     for rel in DICOM_SOURCES:
@@ -151,6 +154,8 @@ def test_resume_after_interrupted_run_predicts_only_the_rest(tmp_path, checkpoin
 
     resumed = predict(model, spec, data, out, batch_size=2, num_workers=0, resume=True, progress=False)
     assert (resumed.skipped, resumed.predicted, resumed.failed, resumed.exit_code) == (4, 6, 0, 0)
+    card = json.loads(model_path(out).read_text())
+    assert card["classes"] == spec.class_names and len(card["fingerprint"]) == 64
     fresh = predict(model, spec, data, tmp_path / "fresh.csv", batch_size=3, num_workers=0, progress=False)
     assert fresh.predicted == 10
     assert out.read_text() == (tmp_path / "fresh.csv").read_text()
@@ -163,6 +168,82 @@ def test_resume_after_interrupted_run_predicts_only_the_rest(tmp_path, checkpoin
     other = spec.model_copy(update={"threshold": None})
     with pytest.raises(PredictionError, match="written by another model"):
         predict(model, other, data, out, num_workers=0, resume=True, progress=False)
+    # same spec and columns, other weights: what an alias moved to a new version looks like
+    retrained = load_classifier(checkpoint)[0]
+    with torch.no_grad():
+        next(retrained.parameters()).add_(1e-3)
+    with pytest.raises(PredictionError, match="written by another model"):
+        predict(retrained, spec, data, out, num_workers=0, resume=True, progress=False)
+    # rows of files removed since the last run go with them
+    (data / "s0/img0.png").unlink()
+    gone = predict(model, spec, data, out, batch_size=2, num_workers=0, resume=True, progress=False)
+    assert (gone.skipped, gone.predicted) == (10, 0)
+    assert "s0/img0.png" not in {r["path"] for r in read_rows(out)}
+
+
+def test_odd_files_are_predicted_reported_or_refused(tmp_path, checkpoint, monkeypatch):
+    """Names that are not UTF-8, linked folders, formats we do not read, NaN pixels, a relative --input whose
+    name is an ordinary word, an output that cannot be written, and the files' permissions."""
+    rng = np.random.default_rng(2)
+    data = tmp_path / "data"
+    (data / "real").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / "ok.png")
+    shutil.copyfile(data / "ok.png", os.fsencode(data) + b"/lat\xe9.png")  # a Latin-1 name from an old share
+    Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(tmp_path / "elsewhere.png")
+    (tmp_path / "linked").mkdir()
+    shutil.copyfile(tmp_path / "elsewhere.png", tmp_path / "linked/far.png")
+    (data / "real/linked").symlink_to(tmp_path / "linked", target_is_directory=True)
+    (data / "loop").symlink_to(data, target_is_directory=True)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / "clip.gif")
+    (data / "gone.png").symlink_to(tmp_path / "missing.png")
+    nan = np.full((16, 16), 0.5, np.float32)
+    nan[3, 4] = np.nan
+    Image.fromarray(nan, mode="F").save(data / "one_nan.tif")
+    shutil.copyfile(get_testdata_file("MR_truncated.dcm"), data / "cut.dcm")
+
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("--model", str(checkpoint), "--input", "data", "--output", "out/p.csv", "--num-workers", "0")
+    assert result.exit_code == 1, result.output
+    rows = {r["path"] for r in read_rows(tmp_path / "out/p.csv")}
+    assert rows == {"ok.png", "lat\\xe9.png", "real/linked/far.png"}
+    errors = {r["path"]: r["reason"] for r in read_rows(tmp_path / "out/p.errors.csv")}
+    assert set(errors) == {"one_nan.tif", "cut.dcm"}
+    assert "1 of 256 pixel values are NaN or infinite" in errors["one_nan.tif"]
+    assert "DICOM pixel data does not decode" in errors["cut.dcm"]  # "data" is the input folder's name too
+    assert "2 other files were not looked at" in result.output and "clip.gif, gone.png" in result.output
+    mode = (tmp_path / "out/p.csv").stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
+
+    (tmp_path / "afile").write_text("a file where a folder should be")
+    result = run_cli("--model", str(checkpoint), "--input", "data", "--output", "afile/p.csv", "--num-workers", "0")
+    assert result.exit_code == 2 and "cannot write beside --output afile/p.csv" in result.output
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_a_damaged_dicom_header_leaks_no_identifier_to_the_log(tmp_path, checkpoint, capfd, caplog, recwarn, workers):
+    """pydicom warns with the raw values it read when a length is wrong; here the transfer syntax's length
+    swallows the file meta and the patient module (PatientName Lestrade^G, PatientID ID1, 20170101)."""
+    source = get_testdata_file("SC_rgb_rle.dcm")
+    raw = bytearray(Path(source).read_bytes())
+    at = raw.find(b"\x02\x00\x10\x00UI") + 6
+    raw[at:at + 2] = (int.from_bytes(raw[at:at + 2], "little") + 400).to_bytes(2, "little")
+    data = tmp_path / "in"
+    data.mkdir()
+    (data / "study.dcm").write_bytes(bytes(raw))
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(data / "ok.png")
+    ds = pydicom.dcmread(source)
+    secrets = [str(ds.PatientName), str(ds.PatientID), str(ds.StudyDate), str(ds.SOPInstanceUID),
+               str(ds.StudyInstanceUID), str(ds.file_meta.MediaStorageSOPInstanceUID)]
+    out = tmp_path / "p.csv"
+    result = run_cli("--model", str(checkpoint), "--input", str(data), "--output", str(out), "--num-workers", workers)
+    assert result.exit_code in (0, 1), result.output
+    seen = capfd.readouterr()  # a worker process writes its warnings straight to file descriptor 2
+    text = "\n".join([result.output, seen.out, seen.err, caplog.text, *(str(w.message) for w in recwarn),
+                      *(f.read_text() for f in tmp_path.glob("p.*"))])
+    for value in secrets:
+        assert value not in text, f"{value!r} reached an output or the log"
 
 
 def test_registry_model_gives_the_same_csv_as_the_checkpoint(tmp_path, checkpoint, mlflow_store):

@@ -8,6 +8,10 @@ parsed from a DICOM file, so names, IDs, dates and UIDs never enter this process
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -78,6 +82,10 @@ def read_image(path: str | Path, *, multiframe: Multiframe = "middle") -> np.nda
     if path.stat().st_size == 0:
         raise ImageReadError(f"{path}: file is empty (0 bytes); re-export it or set its exclude_reason in the manifest")
     arr = _read_dicom(path, multiframe) if is_dicom(path) else _read_pillow(path)
+    bad = int(np.count_nonzero(~np.isfinite(arr)))
+    if bad:  # a float image with one NaN would otherwise be min-max scaled to NaN and scored as class 0
+        raise ImageReadError(f"{path}: {bad} of {arr.size} pixel values are NaN or infinite after decoding; the "
+                             f"file holds invalid floating-point data: re-export it or set its exclude_reason")
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
@@ -110,13 +118,38 @@ def _pillow_to_chw(img: Image.Image) -> np.ndarray:
 
 
 def _minmax(arr: np.ndarray) -> np.ndarray:
-    lo, hi = float(arr.min()), float(arr.max())
+    """Scale to [0, 1] by the finite values; NaN and infinities stay non-finite, for read_image to count."""
+    finite = arr[np.isfinite(arr)]
+    if finite.size == 0:
+        return arr
+    lo, hi = float(finite.min()), float(finite.max())
     if hi <= lo:
-        return np.zeros_like(arr, dtype=np.float32)
+        return np.where(np.isfinite(arr), 0.0, arr).astype(np.float32)
     return (arr - lo) / (hi - lo)
 
 
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """pydicom's warnings and log records about a damaged header quote the element values it read, and the
+    file meta (always parsed) holds UIDs, while a damaged length can swallow the patient module: none of it
+    may reach a log. Exceptions still propagate and are reported without their text."""
+    logger = logging.getLogger("pydicom")
+    disabled = logger.disabled
+    logger.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.disabled = disabled
+
+
 def _read_dicom(path: Path, multiframe: Multiframe) -> np.ndarray:
+    with _quiet_pydicom():
+        return _decode_dicom(path, multiframe)
+
+
+def _decode_dicom(path: Path, multiframe: Multiframe) -> np.ndarray:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -125,9 +158,9 @@ def _read_dicom(path: Path, multiframe: Multiframe) -> np.ndarray:
     except InvalidDicomError:
         raise ImageReadError(f"{path}: not a DICOM file (no 'DICM' preamble); if it is a raw dataset without a "
                              f"preamble, re-export it as a DICOM Part 10 file") from None
-    except Exception as exc:  # pydicom raises many types for damaged headers
-        raise ImageReadError(f"{path}: DICOM header does not parse ({type(exc).__name__}: {exc}); the file is "
-                             f"damaged: re-export it or set its exclude_reason") from None
+    except Exception as exc:  # pydicom raises many types for damaged headers; their text may quote header values
+        raise ImageReadError(f"{path}: DICOM header does not parse ({type(exc).__name__}); the file is damaged or "
+                             f"truncated: re-export it or set its exclude_reason") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageReadError(f"{path}: DICOM file has no pixel data (a report, structure set or DICOMDIR?); "
                              f"remove it from the manifest")
@@ -148,9 +181,12 @@ def _read_dicom(path: Path, multiframe: Multiframe) -> np.ndarray:
 
 
 def _codec_message(path: Path, ds, exc: Exception) -> str:
-    ts = ds.file_meta.get("TransferSyntaxUID")
-    name = getattr(ts, "name", "unknown")
-    package = _DECODER_PACKAGE.get(str(ts), "python-gdcm")
+    from pydicom.uid import UID_dictionary
+
+    ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    # only a registered syntax is named: a damaged file meta can make this value run into the UIDs after it
+    ts, name = (ts, UID_dictionary[ts][0]) if ts in UID_dictionary else ("unrecognised", "unknown")
+    package = _DECODER_PACKAGE.get(ts, "python-gdcm")
     return (f"{path}: cannot decode DICOM transfer syntax '{name}' ({ts}): no installed decoder handles it. "
             f"Install the permissively licensed decoders with `pip install \"medgcsam[dicom]\"` ({package}); "
             f"do not use the GPL pylibjpeg-libjpeg plugin. pydicom said: {str(exc).splitlines()[0]}")

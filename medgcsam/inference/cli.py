@@ -60,6 +60,10 @@ def predict_command(
         raise typer.Exit(EXIT_CRASHED) from None
     typer.echo(f"{summary.predicted} predicted, {summary.skipped} already done, {summary.failed} failed "
                f"of {summary.found} files in {summary.seconds:.1f}s -> {summary.output}")
+    if summary.ignored:
+        shown = ", ".join(summary.ignored[:10]) + (", ..." if len(summary.ignored) > 10 else "")
+        typer.echo(f"{len(summary.ignored)} other files were not looked at (not PNG/JPEG/BMP/TIFF or DICOM, or "
+                   f"broken links): {shown}", err=True)
     if summary.failed:
         typer.echo(f"{summary.failed} files could not be read; reasons in {summary.errors}", err=True)
     raise typer.Exit(summary.exit_code)

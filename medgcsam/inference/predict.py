@@ -10,12 +10,15 @@ Only relative paths, labels and probabilities are written: no DICOM header field
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
-import tempfile
+import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from torch import nn
@@ -45,6 +48,7 @@ class PredictionSummary:
     predicted: int
     failed: int
     seconds: float
+    ignored: tuple[str, ...] = ()  # files under the input that are not PNG/JPEG/BMP/TIFF/DICOM
 
     @property
     def exit_code(self) -> int:
@@ -66,6 +70,30 @@ def partial_path(output: str | Path) -> Path:
     return output.with_name(f"{output.name}.partial")
 
 
+def model_path(output: str | Path) -> Path:
+    """``predictions.csv`` -> ``predictions.model.json``: which model wrote the rows (checked by ``resume``)."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.model.json")
+
+
+def model_card(model: nn.Module, spec: ModelSpec) -> dict[str, object]:
+    """Identity of the model behind a predictions file: a SHA-256 over its weights and its spec.
+
+    ``resume`` compares it, so rows from a checkpoint replaced under the same registry alias are never
+    mixed with new ones."""
+    digest = hashlib.sha256(spec.model_dump_json().encode())
+    for tensor in model.state_dict().values():  # values only: a wrapper module renames, it does not change
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {"fingerprint": digest.hexdigest(), "backbone": spec.backbone, "classes": spec.class_names,
+            "threshold": spec.threshold.model_dump() if spec.threshold is not None else None,
+            "medgcsam_version": spec.medgcsam_version}
+
+
+def display_path(rel: str) -> str:
+    """A path as written to the CSVs: UTF-8 always, with undecodable bytes of a file name shown as \\xNN."""
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
 def output_columns(spec: ModelSpec) -> list[str]:
     """path, label, prob_<class>..., and threshold_<pos>/decision_<pos> when the model has an operating point."""
     cols = ["path", "label", *(f"prob_{c}" for c in spec.class_names)]
@@ -74,23 +102,31 @@ def output_columns(spec: ModelSpec) -> list[str]:
     return cols
 
 
-def find_images(root: str | Path) -> list[str]:
-    """Relative POSIX paths of image files under ``root``, recursively, sorted.
+def find_images(root: str | Path) -> tuple[list[str], list[str]]:
+    """Relative POSIX paths under ``root``, recursively, sorted: (image files, other files).
 
     A file counts by image suffix or, whatever its name, by the DICOM ``DICM`` marker: PACS exports
-    are often named ``IM000123`` or by UID with a numeric "suffix". Hidden files and folders are skipped.
+    are often named ``IM000123`` or by UID with a numeric "suffix". Hidden files and folders are skipped;
+    linked folders are followed once each. Everything else found (other formats, broken links, files
+    too short to be DICOM) is returned as "other", so a job can say what it did not look at.
     """
     root = Path(root)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    found, other, seen = [], [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link loop, or a folder linked twice
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
-            path = Path(dirpath, name)
-            if name.startswith(".") or not path.is_file():
+            if name.startswith("."):
                 continue
-            if path.suffix.lower() in IMAGE_SUFFIXES or _is_dicom(path):
-                found.append(path.relative_to(root).as_posix())
-    return sorted(found)
+            path = Path(dirpath, name)
+            rel = path.relative_to(root).as_posix()
+            image = path.is_file() and (path.suffix.lower() in IMAGE_SUFFIXES or _is_dicom(path))
+            (found if image else other).append(rel)
+    return sorted(found), sorted(other)
 
 
 def _is_dicom(path: Path) -> bool:
@@ -108,7 +144,8 @@ class ImageFolder(Dataset):
 
     def __init__(self, root: Path, paths: Sequence[str], spec: ModelSpec):
         pre = spec.preprocessing
-        self.root, self.paths, self.multiframe = root, list(paths), pre.dicom_multiframe
+        # absolute, so that removing it from a message cannot hit a word that happens to equal a relative root
+        self.root, self.paths, self.multiframe = Path(root).absolute(), list(paths), pre.dicom_multiframe
         self.transform = deterministic_transforms(pre, pre.modality, multiframe=pre.dicom_multiframe)
 
     def __len__(self) -> int:
@@ -129,13 +166,13 @@ class ImageFolder(Dataset):
 
     def _relative(self, reason: str, rel: str) -> str:
         """Folders above the input (often named after a patient or study) stay out of the errors file."""
-        return reason.replace(str(self.root / rel), rel).replace(str(self.root), ".")
+        return reason.replace(str(self.root / rel), display_path(rel)).replace(str(self.root), ".")
 
 
 def collate_with_failures(items: Iterable[tuple[str, torch.Tensor | None, str | None]]):
     """Stack the images that were read; hand back the failures separately as (path, reason)."""
     good = [(p, x) for p, x, _ in items if x is not None]
-    failures = [(p, reason) for p, x, reason in items if x is None]
+    failures = [(display_path(p), reason) for p, x, reason in items if x is None]
     batch = torch.stack([x for _, x in good]) if good else None
     return [p for p, _ in good], batch, failures
 
@@ -169,13 +206,22 @@ def predict(
         raise PredictionError(f"amp {amp!r} not supported for prediction; use 'none' or 'bf16'")
     columns = output_columns(spec)
     pos_index = _positive_index(spec)
-    paths = find_images(input_dir)
+    paths, ignored = find_images(input_dir)
     if not paths:
         raise PredictionError(f"no PNG, JPEG or DICOM files under {input_dir}; "
                               f"suffixes searched: {', '.join(sorted(IMAGE_SUFFIXES))}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    done = _previous_rows(output, columns) if resume else {}
-    todo = [p for p in paths if p not in done]
+    card = model_card(model, spec)
+    # rows of files that are gone since the earlier run are dropped with them
+    done = _previous_rows(output, columns, card, {display_path(p) for p in paths}) if resume else {}
+    todo = [p for p in paths if display_path(p) not in done]
+    partial = partial_path(output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _write_text(model_path(output), json.dumps(card, indent=2))
+        _write_csv(partial, columns, done.values())  # a crash from here on still keeps every earlier row
+    except OSError as exc:
+        raise PredictionError(f"cannot write beside --output {output} ({exc.strerror or exc}); give a path in a "
+                              f"folder this user can write to") from None
 
     device = torch.device(device)
     model = model.to(device).eval()
@@ -186,8 +232,6 @@ def predict(
     classes, thr = spec.class_names, spec.threshold
 
     failures: list[tuple[str, str]] = []
-    partial = partial_path(output)
-    _write_csv(partial, columns, done.values())  # a crash from here on still keeps every earlier row
     bar = tqdm(total=len(todo), unit="img", disable=not progress or not todo, desc="predict")
     predicted = 0
     with partial.open("a", newline="", encoding="utf-8") as fh:
@@ -197,6 +241,7 @@ def predict(
             if images is not None:
                 probs = forward_probabilities(model, images, device, amp)
                 for rel, label, p in zip(batch_paths, probs.argmax(dim=1).tolist(), probs.tolist(), strict=True):
+                    rel = display_path(rel)
                     row = [rel, classes[label], *(f"{v:.6f}" for v in p)]
                     if thr is not None:
                         row += [f"{thr.value:.6f}", "positive" if p[pos_index] >= thr.value else "negative"]
@@ -212,7 +257,7 @@ def predict(
     partial.unlink()
     return PredictionSummary(output=output, errors=errors_path(output), found=len(paths),
                              skipped=len(paths) - len(todo), predicted=predicted, failed=len(failures),
-                             seconds=time.perf_counter() - start)
+                             seconds=time.perf_counter() - start, ignored=tuple(map(display_path, ignored)))
 
 
 def forward_probabilities(model: nn.Module, images: torch.Tensor, device: torch.device, amp: str) -> torch.Tensor:
@@ -233,12 +278,22 @@ def _positive_index(spec: ModelSpec) -> int:
     return spec.class_names.index(spec.threshold.positive_class)
 
 
-def _previous_rows(output: Path, columns: list[str]) -> dict[str, list[str]]:
+def _previous_rows(output: Path, columns: list[str], card: dict[str, object],
+                   present: set[str]) -> dict[str, list[str]]:
     """Rows of an earlier (complete or interrupted) run of the same model, keyed by path."""
+    sources = [source for source in (output, partial_path(output)) if source.is_file()]
+    if not sources:
+        return {}
+    try:
+        earlier = json.loads(model_path(output).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        earlier = None
+    if not isinstance(earlier, dict) or earlier.get("fingerprint") != card["fingerprint"]:
+        what = "another model" if isinstance(earlier, dict) else f"an unknown model ({model_path(output)} is missing)"
+        raise PredictionError(f"{sources[0]} was written by {what}; --resume only continues the same model's run, "
+                              f"so write to a new --output")
     rows: dict[str, list[str]] = {}
-    for source in (output, partial_path(output)):
-        if not source.is_file():
-            continue
+    for source in sources:
         with source.open(newline="", encoding="utf-8") as fh:
             reader = csv.reader(fh)
             header = next(reader, None)
@@ -249,19 +304,31 @@ def _previous_rows(output: Path, columns: list[str]) -> dict[str, list[str]]:
                                       f"it was written by another model, so write to a new --output instead of "
                                       f"--resume")
             # A row cut short by a crash mid-write is dropped, so that image is predicted again.
-            rows.update((row[0], row) for row in reader if len(row) == len(columns))
+            rows.update((row[0], row) for row in reader if len(row) == len(columns) and row[0] in present)
     return rows
 
 
+def _write_text(path: Path, text: str) -> None:
+    _replace_atomically(path, lambda fh: fh.write(text + "\n"))
+
+
 def _write_csv(path: Path, columns: list[str], rows: Iterable[Sequence[str]]) -> None:
-    """Write beside the target and rename over it, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    def write(fh: TextIO) -> None:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(rows)
+
+    _replace_atomically(path, write)
+
+
+def _replace_atomically(path: Path, write: Callable[[TextIO], object]) -> None:
+    """Write beside the target and rename over it, so a reader never sees half a file. Created with ``open``
+    (not ``mkstemp``, which makes 0600 files), so the result has the user's usual umask permissions."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(columns)
-            writer.writerows(rows)
+        with tmp.open("x", newline="", encoding="utf-8") as fh:
+            write(fh)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
