@@ -6,6 +6,7 @@ metrics, and the experiment only collects them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -16,7 +17,15 @@ import yaml
 from mlflow.entities import Metric
 
 from medgcsam.experiments import Experiment, grid_cells, mcnemar_exact, summarize
-from medgcsam.experiments.report import collect, max_concurrent, paired_table, summary_table, write_report
+from medgcsam.experiments.report import (
+    _fmt,
+    collect,
+    matched,
+    max_concurrent,
+    paired_table,
+    summary_table,
+    write_report,
+)
 from medgcsam.experiments.runner import TAG_CELL, TIME_PER_EPOCH
 
 ACC = {"adam": [0.70, 0.72, 0.71], "sam": [0.74, 0.73, 0.76], "gcsam": [0.75, 0.77, 0.74]}
@@ -138,3 +147,41 @@ def test_report_flags_cells_that_shared_the_machine(tmp_path):
     ex.client.set_terminated(first, "FINISHED", end_time=later)  # the first cell was still running
     text = write_report(ex, ex.finished_runs()).read_text()
     assert "**Timing caveat:** up to 2 of these cells were running at the same time" in text
+
+
+def test_stale_cells_and_other_test_images_are_not_compared(tmp_path):
+    """A finished cell whose definition left the plan is not an extra seed; runs scored on different test images
+    get no McNemar test (the report says so instead of pairing images by position)."""
+    base = {"name": "stale", "output_dir": str(tmp_path / "out"), "data": {"manifest": "m.csv"}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(
+        {"name": "stale", "base": "base.yaml", "methods": ["adam", "sam"], "seeds": [0, 1]}))
+    ex = Experiment(tmp_path / "exp.yaml")
+    cells = grid_cells(ex.config)
+    runs = {(c.method, c.seed): log_cell(ex, c, tmp_path) for c in cells}
+    old = dataclasses.replace(cells[0], settings={**cells[0].settings, "optimizer.lr": 0.5})
+    ex.client.log_metric(log_cell(ex, old, tmp_path), "test/accuracy", 0.1, step=1)
+    renamed = predictions("sam", 1).assign(path=lambda t: t.path.str.replace("img00", "other00"))
+    path = tmp_path / "renamed" / "predictions_test.csv"
+    path.parent.mkdir()
+    renamed.to_csv(path, index=False)
+    ex.client.log_artifact(runs[("sam", 1)], str(path), "evaluation")
+
+    finished = ex.finished_runs()
+    assert len(finished) == 5
+    df = collect(ex, finished)
+    assert sorted(zip(df.method, df.seed, strict=True)) == [("adam", 0), ("adam", 1), ("sam", 0), ("sam", 1)]
+    summ = summary_table(df, ex.config).set_index("group")
+    assert summ.loc["adam", "test accuracy"] == summarize(ACC["adam"][:2])
+    text = write_report(ex, finished).read_text()
+    assert "s1: not the same test images (20 vs 20)" in text and "s0: " in text
+
+
+def test_ambiguous_baselines_are_refused_and_short_summaries_show_n():
+    df = pd.DataFrame({"method": ["sam", "sam", "gcsam"], "seed": [0, 0, 0], "acc": [0.7, 0.8, 0.75],
+                       "axis_values": ['{"optimizer.rho": 0.01}', '{"optimizer.rho": 0.1}', "{}"]})
+    with pytest.raises(ValueError, match="would pick one arbitrarily"):
+        matched(df, "{}", [0], "sam", "acc")
+    assert matched(df, '{"optimizer.rho": 0.1}', [0], "sam", "acc") == [0.8]
+    assert _fmt(summarize([0.7, 0.8]), 3).endswith("(n=2)")
+    assert "(n=" not in _fmt(summarize([0.7, 0.8, 0.9]), 3)

@@ -37,10 +37,13 @@ def collect(exp: Experiment, finished: dict[str, Run]) -> pd.DataFrame:
     from .runner import TAG_CELL_INFO, TIME_PER_EPOCH, TIME_TO_BEST
 
     stage = "final" if exp.config.selection is not None else "grid"
+    # only the cells of the current plan: a cell whose definition changed since (another value, a newly
+    # chosen candidate) keeps its finished run in the store, and must not count as an extra seed
+    planned = {c.id for c in exp.plan(finished)}
     rows = []
     for cell_id, run in finished.items():
         info = json.loads(run.data.tags.get(TAG_CELL_INFO, "{}"))
-        if info.get("stage") != stage:
+        if info.get("stage") != stage or cell_id not in planned:
             continue
         row: dict[str, Any] = {"cell_id": cell_id, "run_id": run.info.run_id, "method": info["method"],
                                "axis_values": json.dumps(info.get("axes", {}), sort_keys=True), "seed": info["seed"],
@@ -85,6 +88,11 @@ def matched(df: pd.DataFrame, row_axes: str, seeds: list[int], method: str, colu
     out = []
     for s in seeds:
         hit = ref[ref.seed == s]
+        if len(hit) > 1:
+            raise ValueError(f"{len(hit)} cells of {method} (axes {sorted(hit.axis_values)}) match seed {s} of the "
+                             f"cells with axes {row_axes}; a comparison against {method} would pick one arbitrarily. "
+                             f"Give {method} the same grid axes, or compare against a method that has them "
+                             f"(report.baselines, report.time_reference)")
         out.append(hit[column].iloc[0] if len(hit) else None)
     return out
 
@@ -111,7 +119,7 @@ def summary_table(df: pd.DataFrame, cfg: ExperimentConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def paired_table(df: pd.DataFrame, cfg: ExperimentConfig, predictions: dict[str, np.ndarray] | None) -> pd.DataFrame:
+def paired_table(df: pd.DataFrame, cfg: ExperimentConfig, predictions: dict[str, pd.Series] | None) -> pd.DataFrame:
     """Each method group minus each baseline on the primary metric, over matched seeds (+ McNemar per seed)."""
     primary, conf = cfg.report.primary, cfg.report.confidence
     rows = []
@@ -137,23 +145,27 @@ def paired_table(df: pd.DataFrame, cfg: ExperimentConfig, predictions: dict[str,
 
 
 def _mcnemar_cell(df: pd.DataFrame, g: pd.DataFrame, axes: str, seeds: list[int], baseline: str,
-                  predictions: dict[str, np.ndarray]) -> str:
+                  predictions: dict[str, pd.Series]) -> str:
     parts = []
     for s, rb in zip(seeds, matched(df, axes, seeds, baseline, "run_id"), strict=True):
         ra = g[g.seed == s].run_id.iloc[0]
         if rb is None or ra not in predictions or rb not in predictions:
             continue
-        b, c, p = mcnemar_exact(predictions[ra], predictions[rb])
+        mine, theirs = predictions[ra], predictions[rb]
+        if set(mine.index) != set(theirs.index):  # paired by image identity, never by position
+            parts.append(f"s{s}: not the same test images ({len(mine)} vs {len(theirs)})")
+            continue
+        b, c, p = mcnemar_exact(mine.to_numpy(), theirs.reindex(mine.index).to_numpy())
         parts.append(f"s{s}: {b}/{c} p={p:.3g}")
     return "; ".join(parts)
 
 
-def load_predictions(exp: Experiment, df: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Per-run boolean correctness on the test images, aligned by image id across runs (sorted)."""
+def load_predictions(exp: Experiment, df: pd.DataFrame) -> dict[str, pd.Series]:
+    """Per-run boolean correctness on the test images, indexed by image id (path, else row number)."""
     artifact = exp.config.report.predictions_artifact
     if not artifact:
         return {}
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, pd.Series] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for run_id in df.run_id:
             try:
@@ -167,18 +179,20 @@ def load_predictions(exp: Experiment, df: pd.DataFrame) -> dict[str, np.ndarray]
                 raise ValueError(f"run {run_id} artifact {artifact}: columns {sorted(missing)} missing "
                                  f"(has {list(table.columns)}); set report.predictions_artifact to a per-image "
                                  f"table with path (or row), label, predicted")
-            table = table.sort_values(image)
-            out[run_id] = (table.label.astype(str) == table.predicted.astype(str)).to_numpy()
+            out[run_id] = pd.Series((table.label.astype(str) == table.predicted.astype(str)).to_numpy(),
+                                    index=table[image].astype(str).to_numpy())
     return out
 
 
-def _fmt(x: Any) -> str:
+def _fmt(x: Any, expected_n: int | None = None) -> str:
+    """A Summary as mean ± SD [interval]; its n is shown whenever it is below the row's number of seeds."""
     if hasattr(x, "mean") and hasattr(x, "n"):
         if x.n == 0:
             return "n/a"
         if x.n == 1 or math.isnan(x.sd):
             return f"{x.mean:.4g} (n=1)"
-        return f"{x.mean:.4g} ± {x.sd:.2g} [{x.low:.4g}, {x.high:.4g}]"
+        short = f" (n={x.n})" if expected_n is not None and x.n < expected_n else ""
+        return f"{x.mean:.4g} ± {x.sd:.2g} [{x.low:.4g}, {x.high:.4g}]{short}"
     if isinstance(x, float):
         return "n/a" if math.isnan(x) else f"{x:.4g}"
     return str(x)
@@ -186,7 +200,7 @@ def _fmt(x: Any) -> str:
 
 def markdown_table(df: pd.DataFrame, columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in columns) + " |" for _, r in df.iterrows()]
+    lines += ["| " + " | ".join(_fmt(r[c], r.get("n seeds")) for c in columns) + " |" for _, r in df.iterrows()]
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -218,7 +219,7 @@ class Experiment:
         times = list(result.epoch_times)
         metrics = {WALL_TIME: float(result.wall_time), BEST_EPOCH: float(result.best_epoch)}
         if times:
-            metrics[TIME_PER_EPOCH] = float(sorted(times)[len(times) // 2])  # median: robust to the caching epoch
+            metrics[TIME_PER_EPOCH] = float(statistics.median(times))  # robust to the caching epoch
             metrics[TIME_TO_BEST] = float(sum(times[: result.best_epoch]))  # best_epoch is 1-based
         if cell.stage != "cv" and result.model is not None:
             analyse_cell(self.client, result.run_id, result.model, cfg,
