@@ -31,6 +31,7 @@ from medgcsam.evaluation.metrics import (
     row_normalise,
 )
 from medgcsam.evaluation.operating_point import choose_threshold
+from medgcsam.evaluation.report import _bound_note
 
 CLASSES = ["benign", "malignant", "normal"]
 
@@ -177,6 +178,8 @@ def test_temperature_stays_bounded_on_separable_validation():
     t = fit_temperature(logits, np.array([0, 1, 0, 1]))
     assert t == pytest.approx(T_MIN, rel=1e-3)
     assert np.isfinite(softmax(logits, t)).all()
+    # the report says that such a temperature is no calibration; an interior one gets no remark
+    assert "bound of the search range" in _bound_note(t) and _bound_note(1.3) == ""
 
 
 def test_youden_ties_are_exact_and_the_threshold_survives_float32_scores():

@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from medgcsam.evaluation.calibration import T_MAX, T_MIN
+
 
 def _num(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
@@ -79,13 +81,22 @@ def _split_section(name: str, fig: dict[str, Any], classes: list[str], threshold
     return lines
 
 
+def _bound_note(temperature: float) -> str:
+    """A temperature at the search bound is no fit: validation was separated perfectly (or all wrong)."""
+    if not (math.isclose(temperature, T_MIN, rel_tol=1e-3) or math.isclose(temperature, T_MAX, rel_tol=1e-3)):
+        return ""
+    return (f" It sits at the bound of the search range [{T_MIN}, {T_MAX}]: the validation split is separated "
+            "perfectly (or not at all), so it carries no calibration information, and the calibrated figures "
+            "on test should not be trusted.")
+
+
 def write_report(figures: dict[str, Any], path: Path) -> Path:
     """Render ``figures`` (the evaluation JSON) as Markdown at ``path``."""
     model, thr = figures["model"], figures["threshold"]
     lines = ["# Evaluation report", "",
              f"Model `{model['backbone']}`, classes {', '.join(model['classes'])}; manifest sha256 "
              f"`{model['manifest_sha256'] or 'n/a'}`, config sha256 `{model['config_sha256'] or 'n/a'}`.", "",
-             f"Temperature (fitted on validation): {figures['temperature']:.4f}.",
+             f"Temperature (fitted on validation): {figures['temperature']:.4f}." + _bound_note(figures['temperature']),
              (f"Operating point: p({thr['positive_class']}) >= {thr['value']:.4f}, rule {thr['rule']}, chosen on "
               "validation and frozen." if thr else f"Operating point: {figures['threshold_note']}."), ""]
     for name, fig in figures["splits"].items():
