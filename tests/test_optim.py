@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medgcsam.optim import OPTIMIZERS, centralize_, centralized, check_hyperparameters, create_optimizer, gc_mask
@@ -499,3 +500,47 @@ def test_base_as_class_or_instance() -> None:
     assert by_instance.param_groups[0]["rho"] == 0.05
     with pytest.raises(ValueError, match="instance"):
         create_optimizer("gcsam", None, base=instance, lr=0.1)
+
+
+def test_gcsam_radius_holds_when_centralization_removes_almost_everything() -> None:
+    """Nearly constant non-negative features make GC(g) ~1e-4 of g: the perturbation must still be rho
+    (a norm taken as ||g||^2 - n||mean||^2 cancelled in float32 and gave ||e|| ~ 1e7)."""
+    for seed in range(3):
+        torch.manual_seed(seed)
+        layer = nn.Linear(512, 10, bias=False)
+        x = 1 + 1e-4 * torch.randn(64, 512)
+        y = torch.randint(0, 10, (64,))
+        w0 = layer.weight.detach().clone()
+        opt = create_optimizer("gcsam", layer.parameters(), base="adam", lr=0.0, rho=0.05)
+        F.cross_entropy(layer(x), y).backward()
+        g = layer.weight.grad.clone()
+        opt.after_backward(0)
+        assert float((layer.weight - w0).norm()) == pytest.approx(0.05, rel=1e-3)
+        assert float(opt.stats["grad_norm_gc"]) == pytest.approx(float(centralized(g).norm()), rel=1e-3)
+
+
+def test_gc_ema_survives_an_overflow_and_a_changing_loss_scale() -> None:
+    """GC-EMA under a GradScaler: one overflowing pass is skipped and training goes on, and a growing scale
+    gives the same weights as no scaler (the EMA is kept in unscaled units)."""
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+
+    def run(scaler: torch.amp.GradScaler | None, overflow: bool) -> tuple[list[torch.Tensor], list[float]]:
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+        opt = create_optimizer("gcsam", model.parameters(), base="sgd", lr=0.1, grad_scaler=scaler,
+                               gc_placement="both", gc_ema_beta=0.5)
+        moved = []
+        for step in range(6):
+            before = [p.detach().clone() for p in model.parameters()]
+            for i in range(2):
+                loss = F.cross_entropy(model(x), y) * (1e308 if overflow and step == 1 and i == 0 else 1.0)
+                (loss if scaler is None else scaler.scale(loss)).backward()
+                opt.after_backward(i)
+            moved.append(max(float((a - b).abs().max()) for a, b in zip(before, model.parameters(), strict=True)))
+        return [p.detach().clone() for p in model.parameters()], moved
+
+    _, moved = run(torch.amp.GradScaler("cpu", init_scale=2.0**10), overflow=True)
+    assert moved[1] == 0.0 and all(m > 1e-3 for m in moved[2:])  # skipped once, then trains again
+    plain, _ = run(None, overflow=False)
+    scaled, _ = run(torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2), overflow=False)
+    assert max(float((a - b).abs().max()) for a, b in zip(plain, scaled, strict=True)) < 1e-12

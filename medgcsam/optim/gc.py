@@ -55,17 +55,26 @@ def gc_mask(params: list[Tensor], targets: str, model: nn.Module | None) -> list
 
 
 class SliceMeanEMA:
-    """GC-EMA: m_t = beta * m_{t-1} + (1 - beta) * mean(g_t) per weight slice, m_0 = 0 (checkpointed)."""
+    """GC-EMA: m_t = beta * m_{t-1} + (1 - beta) * mean(g_t) per weight slice, m_0 = 0 (checkpointed).
+
+    Kept in unscaled gradient units, so a GradScaler's changing scale does not leak into it, and a slice
+    whose mean is not finite (an overflowing fp16 step, which the scaler skips) keeps its previous value:
+    one overflow would otherwise make the EMA NaN and every later step be skipped.
+    """
 
     def __init__(self, beta: float) -> None:
         self.beta = beta
         self.means: dict[int, Tensor] = {}
 
-    def update(self, index: int, mean: Tensor) -> Tensor:
+    def update(self, index: int, mean: Tensor, inv_scale: Tensor | None = None) -> Tensor:
+        """Fold in ``mean`` (of gradients scaled by 1 / ``inv_scale``); return the centre in those same units."""
         m = self.means.get(index)
         if m is None:
             m = self.means[index] = torch.zeros_like(mean)
-        return m.mul_(self.beta).add_(mean, alpha=1.0 - self.beta)
+        unscaled = mean if inv_scale is None else mean * inv_scale.to(mean.dtype)
+        new = m * self.beta + unscaled * (1.0 - self.beta)
+        m.copy_(torch.where(torch.isfinite(new), new, m))
+        return m if inv_scale is None else m / inv_scale.to(mean.dtype)
 
     def state_dict(self) -> dict[int, Tensor]:
         return dict(self.means)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .core import WrappedOptimizer
+from .core import WrappedOptimizer, sq_norm
 from .gc import GC_TARGETS, gc_mask, slice_dims
 
 
@@ -40,14 +40,16 @@ class GCAdam(WrappedOptimizer):
         if self._base_only:
             return
         idx = [i for i, p in enumerate(self.params) if self.gc[i] and p.grad is not None]
-        sq = self.stats["grad_norm"].square()  # ||GC(g)||^2 = ||g||^2 - n sum_slices mean^2 (a statistic only)
-        for i in idx:
-            g = self.params[i].grad
-            mean = g.mean(dim=slice_dims(g), keepdim=True)
-            sq = sq - mean.square().sum().to(self.acc_dtype) * g[0].numel()
-            if self.hp["gc_placement"] == "grad":
-                g.sub_(mean)
-        self.stats["grad_norm_gc"].copy_(sq.clamp_min(0.0).sqrt())
+        rest = [p.grad for i, p in enumerate(self.params) if not self.gc[i] and p.grad is not None]
+        means = [g.mean(dim=slice_dims(g), keepdim=True) for g in (self.params[i].grad for i in idx)]
+        grads = [self.params[i].grad for i in idx]
+        if self.hp["gc_placement"] == "grad":
+            torch._foreach_sub_(grads, means)
+            centred = grads
+        else:  # the base steps with the raw gradient; the statistic needs the centred one as a copy
+            centred = torch._foreach_sub(grads, means) if grads else []
+        # measured on the centred tensors: ||g||^2 - n ||m||^2 cancels catastrophically in float32
+        self.stats["grad_norm_gc"].copy_(sq_norm([*centred, *rest], self.acc_dtype, self.device).sqrt())
         if self.hp["gc_placement"] == "update" and idx:
             torch._foreach_copy_(self.buffers("before", idx), self.tensors(idx))
         self._updated = idx if self.hp["gc_placement"] == "update" else []

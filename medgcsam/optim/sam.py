@@ -180,7 +180,6 @@ class GCSAM(SharpnessAware):
         beta = self.hp["gc_ema_beta"]
         self.ema = {site: SliceMeanEMA(beta) for site in ("ascent", "descent")} if beta is not None else None
         self.stats["grad_norm_gc"] = self._scalar(0.0)
-        self._slice_size_cache: dict[tuple[int, ...], Tensor] = {}
 
     @classmethod
     def validate(cls, hp: dict[str, Any]) -> None:
@@ -195,41 +194,22 @@ class GCSAM(SharpnessAware):
             raise ValueError(f"gcsam: gc_ema_beta must be None or in [0, 1), got {beta!r}")
 
     def _center(self, site: str, i: int, mean: Tensor) -> Tensor:
-        return mean if self.ema is None else self.ema[site].update(i, mean)
+        return mean if self.ema is None else self.ema[site].update(i, mean, self.inv_grad_scale())
 
     def _direction_norms(self, active: list[tuple[Bucket, list[int]]]) -> tuple[Tensor, Tensor]:
         if self.hp["gc_placement"] == "descent":
             self._sq_gc = self._sum_sq(active)  # no GC on the first pass: the ascent is SAM's
             return self._sq_gc, self._sq_gc
-        # one multi-tensor norm, then per tensor only a mean and an in-place sub. Without EMA the centralized
-        # norm needs no second pass: GC is an orthogonal projection, so ||g - m||^2 = ||g||^2 - n ||m||^2 per
-        # tensor (n = elements per output slice); with EMA the subtracted centre is not the mean, so re-measure.
+        # the centralized norm is measured on the centred tensors: the shortcut ||g||^2 - n ||m||^2 cancels
+        # catastrophically in float32 when the centred part is small, and e = rho GC(g) / ~0 blew up to 1e7
         sq_raw = self._sum_sq(active)
-        means, centred = [], []
         for _, idx in active:
             for i in idx:
                 if self.gc[i]:
                     g = self.params[i].grad
-                    mean = g.mean(dim=slice_dims(g), keepdim=True)
-                    g.sub_(self._center("ascent", i, mean))
-                    means.append(mean)
-                    centred.append(i)
-        if self.ema is not None or not means:
-            self._sq_gc = self._sum_sq(active)
-        else:
-            removed = (torch.stack(torch._foreach_norm(means)).to(self.acc_dtype).square()
-                       * self._slice_sizes(tuple(centred))).sum()
-            self._sq_gc = (sq_raw - removed).clamp_min(0.0)
+                    g.sub_(self._center("ascent", i, g.mean(dim=slice_dims(g), keepdim=True)))
+        self._sq_gc = self._sum_sq(active)
         return sq_raw, (self._sq_gc if self.hp["perturbation_norm"] == "gc" else sq_raw)
-
-    def _slice_sizes(self, centred: tuple[int, ...]) -> Tensor:
-        """Elements per output slice of the centralized tensors, kept on device (built once per tensor set)."""
-        sizes = self._slice_size_cache.get(centred)
-        if sizes is None:
-            sizes = torch.tensor([self.params[i][0].numel() for i in centred], dtype=self.acc_dtype,
-                                 device=self.device)
-            self._slice_size_cache[centred] = sizes
-        return sizes
 
     def _record_stats(self, sq_raw: Tensor) -> None:
         super()._record_stats(sq_raw)
