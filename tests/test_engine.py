@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -92,6 +93,11 @@ def test_short_run_each_pass_count(images, out, optimizer, passes):
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["optimizer.name"] == optimizer
+    # what ran, defaults included, beside what the YAML set
+    assert run.data.params["effective.base.betas"] == "(0.9, 0.999)" and run.data.params["effective.amp"] == "none"
+    if optimizer == "gcsam":
+        assert run.data.params["effective.optimizer.perturbation_norm"] == "gc"
+        assert run.data.params["effective.optimizer.rho"] == "0.05"
     assert run.data.params["split.train.n"] == "16" and run.data.params["split.val.n"] == "16"
     assert [m.step for m in client.get_metric_history(result.run_id, "val_epoch/loss")] == [1, 2]
     norms = client.get_metric_history(result.run_id, "train/grad_norm")
@@ -221,3 +227,23 @@ def test_failed_stage_after_training_is_named_and_resume_finishes_it(images, tmp
     run = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result.run_id)
     assert run.info.status == "FINISHED" and "test/accuracy" in run.data.metrics
     assert len(result.epoch_times) == 1
+
+
+def test_evaluation_keys_checked_before_training_and_no_finite_monitor_selects_nothing(images, tmp_path):
+    """A misspelt positive class fails before any epoch; a monitor that is NaN every epoch (AUROC on a validation
+    split with one class) selects no model, so nothing is evaluated or registered."""
+    raw = tiny_config(images, tmp_path, "typo", "adam", epochs=1)
+    raw["evaluation"] = {"enabled": True, "positive_class": "malignat"}
+    with pytest.raises(ConfigError, match="evaluation.positive_class 'malignat'"):
+        train(PipelineConfig.model_validate(raw))
+    assert not (run_dir(PipelineConfig.model_validate(raw)) / "checkpoints").exists()
+
+    frame = pd.read_csv(images)
+    one_class = images.with_name("one_class_val.csv")
+    frame[~((frame.fold == 0) & (frame.label == "malignant"))].to_csv(one_class, index=False)
+    raw = tiny_config(one_class, tmp_path, "nan-monitor", "adam", epochs=2, monitor="val_auroc")
+    raw["tracking"] = {"log_model": True, "register_as": "never"}
+    with pytest.raises(FinishError, match="no epoch gave a finite validation val_auroc"):
+        train(PipelineConfig.model_validate(raw))
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.search_registered_models() == []

@@ -165,6 +165,7 @@ class _Training:
         self.val_loader: DataLoader | None = self.loaders.get("val")
         self.inputs = BatchInputs(in_spec, self.device)
         self.class_names = list(self.bundle.class_names)
+        self._check_evaluation()
         self.spec = ModelSpec(
             backbone=cfg.model.name, num_classes=len(self.class_names), in_chans=dcfg.channels,
             class_names=self.class_names,
@@ -197,6 +198,19 @@ class _Training:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
         self.scheduler = build_scheduler(self.opt.base, cfg.train,
                                          max(1, self.steps_per_epoch // cfg.train.accumulation_steps))
+
+    def _check_evaluation(self) -> None:
+        """Evaluation settings that need the class list, refused before training rather than after it."""
+        ecfg = self.cfg.evaluation
+        if not ecfg.enabled:
+            return
+        if ecfg.positive_class is not None and ecfg.positive_class not in self.class_names:
+            raise ConfigError(f"evaluation.positive_class {ecfg.positive_class!r} is not a class of "
+                              f"{self.cfg.data.manifest} ({self.class_names}); set it to one of them or remove it")
+        unknown = [s for s in ecfg.splits if s not in self.bundle.frames]
+        if unknown:
+            raise ConfigError(f"evaluation.splits {unknown} are not splits of this data (it has "
+                              f"{sorted(self.bundle.frames)}); list only those, e.g. [val, test]")
 
     def _class_weights(self) -> torch.Tensor | None:
         spec = self.cfg.train.class_weights
@@ -284,12 +298,22 @@ class _Training:
                       for split, frame in self.bundle.frames.items()}
             mlflow.log_params(run_params(cfg, manifest_sha256=self.bundle.manifest_sha256, split_counts=counts,
                                          world_size=self.ctx.world_size))
+            mlflow.log_params(self._effective_params())
             mlflow.log_dict(json.loads(cfg.model_dump_json()), "config/pipeline.yaml")
             mlflow.log_dict({"manifest": str(cfg.data.manifest), "manifest_sha256": self.bundle.manifest_sha256,
                              "classes": self.class_names, "counts": counts}, "config/split_summary.json")
         self.metrics_log = ResilientMetricLogger(mlflow.MlflowClient(), self.run_id,
                                                  spill_path=self.dir / "unsent_metrics.json",
                                                  timeout_s=cfg.tracking.connect_timeout_s)
+
+    def _effective_params(self) -> dict[str, str]:
+        """What actually runs, defaults included: the YAML holds only what was set (GCSAM's perturbation norm,
+        Adam's betas), and an AMP setting the device cannot honour runs in float32."""
+        out = {f"effective.optimizer.{k}": str(v) for k, v in self.opt.hp.items()}
+        out.update({f"effective.base.{k}": str(v) for k, v in self.opt.base.defaults.items()
+                    if isinstance(v, int | float | str | tuple | bool | type(None))})
+        out["effective.amp"] = "none" if self.autocast is contextlib.nullcontext else self.cfg.train.amp
+        return out
 
     def _log_epoch(self, record: dict[str, float], trace_rows: list[tuple[int, float, float]]) -> None:
         if self.metrics_log is None:
@@ -424,6 +448,12 @@ class _Training:
     # ------------------------------------------------------------------ finish
     def _finish(self) -> tuple[str | None, str | None]:
         """Best weights back in the model; curves, trace, evaluation and the model logged (rank 0)."""
+        if self.val_loader is not None and self.best_epoch < 0:
+            raise FinishError(f"no epoch gave a finite validation {self.cfg.train.monitor} (it was NaN every time, "
+                              f"e.g. AUROC on a validation split with one class), so no model was selected and "
+                              f"nothing was evaluated or registered. Monitor val_loss or val_balanced_accuracy, or "
+                              f"give the validation split every class; the last weights are in "
+                              f"{self.ckpt_dir / ckpt_io.LAST}")
         if self.best_state is not None:
             self.raw.load_state_dict(self.best_state)
         if not self.ctx.is_main:
