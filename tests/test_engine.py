@@ -247,3 +247,17 @@ def test_evaluation_keys_checked_before_training_and_no_finite_monitor_selects_n
         train(PipelineConfig.model_validate(raw))
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.search_registered_models() == []
+
+
+def test_a_registered_name_keeps_its_label_space(images, tmp_path):
+    """Registering a 3-class run under a name whose champion is 2-class is refused before any epoch."""
+    raw = tiny_config(images, tmp_path, "two", "adam", epochs=1)
+    raw["tracking"] = {"log_model": True, "register_as": "bus", "alias": "champion"}
+    assert train(PipelineConfig.model_validate(raw)).registered_version == "1"
+    three = tmp_path / "three" / "manifest.csv"
+    make_manifest(three.parent, three, classes=("benign", "malignant", "normal"), n_per_class=10, k=2)
+    raw3 = tiny_config(three, tmp_path, "three", "adam", epochs=1)
+    raw3["tracking"] = raw["tracking"]
+    with pytest.raises(ConfigError, match=r"version 1 holds classes \['benign', 'malignant'\]"):
+        train(PipelineConfig.model_validate(raw3))
+    assert not (run_dir(PipelineConfig.model_validate(raw3)) / "checkpoints").exists()

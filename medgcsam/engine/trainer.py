@@ -199,6 +199,38 @@ class _Training:
         self.scheduler = build_scheduler(self.opt.base, cfg.train,
                                          max(1, self.steps_per_epoch // cfg.train.accumulation_steps))
 
+    def _check_registry(self) -> None:
+        """A registered name serves one label space: refuse, before training, a run whose classes differ from
+        the version that ``register_as`` (at its alias, else its latest version) holds now. Rank 0 asks the
+        registry; every rank fails with its answer."""
+        name = self.cfg.tracking.register_as
+        conflict = None
+        if self.ctx.is_main and self.cfg.tracking.log_model and name:
+            with fail_fast_http(self.cfg.tracking.connect_timeout_s):
+                conflict = self._registry_conflict(name)
+        conflict = broadcast(conflict, self.ctx)
+        if conflict is not None:
+            raise ConfigError(conflict)
+
+    def _registry_conflict(self, name: str) -> str | None:
+        from medgcsam.inference.package import METADATA_KEY
+
+        client = mlflow.MlflowClient(self.uri)
+        versions = client.search_model_versions(f"name = '{name}'")
+        if not versions:
+            return None
+        current = max(versions, key=lambda v: int(v.version))
+        if self.cfg.tracking.alias:
+            with contextlib.suppress(Exception):  # no such alias yet: compare with the latest version
+                current = client.get_model_version_by_alias(name, self.cfg.tracking.alias)
+        info = mlflow.models.get_model_info(f"models:/{name}/{current.version}")
+        classes = ((info.metadata or {}).get(METADATA_KEY) or {}).get("class_names")
+        if classes is None or list(classes) == self.class_names:
+            return None
+        return (f"tracking.register_as {name!r}: version {current.version} holds classes {classes}, but this run's "
+                f"data has {self.class_names}; a registered name must keep one label space, so register under "
+                f"another name")
+
     def _check_evaluation(self) -> None:
         """Evaluation settings that need the class list, refused before training rather than after it."""
         ecfg = self.cfg.evaluation
@@ -535,6 +567,7 @@ class _Training:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         self._build()
+        self._check_registry()
         state = self._resume() if resume else None
         if state is None and (self.ckpt_dir / ckpt_io.LAST).is_file() and self.ctx.is_main:
             log.warning("starting a new run over the checkpoints in %s (pass --resume to continue them)",
