@@ -89,6 +89,15 @@ class TrainConfig(_Strict):
     checkpoint_every_steps: int | None = Field(None, ge=1, description="Also write last.pt every N steps "
                                                "(mid-epoch resume); default: once per epoch")
 
+    @model_validator(mode="after")
+    def _checkpoints_between_optimizer_steps(self) -> TrainConfig:
+        # a checkpoint holds no half-summed gradient, so it may only fall where an accumulation cycle ends
+        every = self.checkpoint_every_steps
+        if every is not None and every % self.accumulation_steps:
+            raise ValueError(f"checkpoint_every_steps {every} is not a multiple of accumulation_steps "
+                             f"{self.accumulation_steps}: a resume would lose the gradients summed so far")
+        return self
+
 
 class TrackingConfig(_Strict):
     """MLflow: embedded sqlite under output_dir unless a URI is given."""

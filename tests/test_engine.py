@@ -261,3 +261,13 @@ def test_a_registered_name_keeps_its_label_space(images, tmp_path):
     with pytest.raises(ConfigError, match=r"version 1 holds classes \['benign', 'malignant'\]"):
         train(PipelineConfig.model_validate(raw3))
     assert not (run_dir(PipelineConfig.model_validate(raw3)) / "checkpoints").exists()
+
+
+def test_accumulation_cycles_never_straddle_a_checkpoint(images, tmp_path):
+    """Checkpoints hold no half-summed gradient: every N steps must end a cycle, and so must every epoch."""
+    raw = tiny_config(images, tmp_path, "acc", "gcsam", accumulation_steps=2, checkpoint_every_steps=3)
+    with pytest.raises(ValueError, match="checkpoint_every_steps 3 is not a multiple of accumulation_steps 2"):
+        PipelineConfig.model_validate(raw)
+    raw = tiny_config(images, tmp_path, "acc", "gcsam", accumulation_steps=3)  # 4 steps per epoch
+    with pytest.raises(ConfigError, match="accumulation_steps 3 does not divide the 4 steps of an epoch"):
+        train(PipelineConfig.model_validate(raw))

@@ -196,6 +196,11 @@ class _Training:
         self.steps_per_epoch = len(self.train_loader)
         if cfg.train.max_steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
+        if self.steps_per_epoch % cfg.train.accumulation_steps:
+            # an epoch-end checkpoint (and a warm start's switch of optimizer) would fall inside a cycle
+            raise ConfigError(f"train.accumulation_steps {cfg.train.accumulation_steps} does not divide the "
+                              f"{self.steps_per_epoch} steps of an epoch; change data.batch_size, "
+                              f"train.accumulation_steps or train.max_steps_per_epoch so that it does")
         self.scheduler = build_scheduler(self.opt.base, cfg.train,
                                          max(1, self.steps_per_epoch // cfg.train.accumulation_steps))
 
