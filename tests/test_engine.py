@@ -3,6 +3,7 @@ SIGKILL + resume equals an uninterrupted run, and config errors before any work.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -271,3 +272,30 @@ def test_accumulation_cycles_never_straddle_a_checkpoint(images, tmp_path):
     raw = tiny_config(images, tmp_path, "acc", "gcsam", accumulation_steps=3)  # 4 steps per epoch
     with pytest.raises(ConfigError, match="accumulation_steps 3 does not divide the 4 steps of an epoch"):
         train(PipelineConfig.model_validate(raw))
+
+
+def test_an_epoch_checkpointed_but_never_logged_is_sent_on_resume(images, tmp_path, monkeypatch):
+    """Killed between the epoch's checkpoint and its flush: resume sends epoch 1's curves and gradient norms
+    too, so the run's history has no hole (and spilled metrics of an earlier process are sent as well)."""
+    from medgcsam.engine.trainer import _Training
+
+    cfg = PipelineConfig.model_validate(tiny_config(images, tmp_path, "hole", "adam"))
+    original = _Training._log_epoch
+
+    def dies_once(self, record, rows):
+        monkeypatch.setattr(_Training, "_log_epoch", original)
+        raise RuntimeError("killed after the checkpoint")
+
+    monkeypatch.setattr(_Training, "_log_epoch", dies_once)
+    with pytest.raises(RuntimeError, match="killed after the checkpoint"):
+        train(cfg)
+    spill = run_dir(cfg) / "unsent_metrics.json"
+    run_id = load_checkpoint(run_dir(cfg) / "checkpoints" / "last.pt")["mlflow_run_id"]
+    spill.write_text(json.dumps({"run_id": run_id, "metrics": [
+        {"key": "late/figure", "value": 0.5, "timestamp": 0, "step": 3}]}))
+    result = train(cfg, resume=True)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert result.run_id == run_id
+    assert [m.step for m in client.get_metric_history(run_id, "val_epoch/loss")] == [1, 2]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/grad_norm")) == list(range(1, 9))
+    assert [m.value for m in client.get_metric_history(run_id, "late/figure")] == [0.5] and not spill.exists()

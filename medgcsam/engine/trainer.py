@@ -342,6 +342,24 @@ class _Training:
         self.metrics_log = ResilientMetricLogger(mlflow.MlflowClient(), self.run_id,
                                                  spill_path=self.dir / "unsent_metrics.json",
                                                  timeout_s=cfg.tracking.connect_timeout_s)
+        if resumed:
+            self._backfill()
+
+    def _backfill(self) -> None:
+        """On resume, send what an earlier process checkpointed but never got into the store: its spilled
+        buffer (an outage at the end), and epochs killed between their checkpoint and their flush."""
+        self.metrics_log.take_spilled()
+        client = mlflow.MlflowClient()
+        with fail_fast_http(self.cfg.tracking.connect_timeout_s):
+            epochs = {m.step for m in client.get_metric_history(self.run_id, "epoch_time_s")}
+            steps = {m.step for m in client.get_metric_history(self.run_id, "train/grad_norm")}
+        epochs |= {m.step for m in self.metrics_log.buffered("epoch_time_s")}
+        steps |= {m.step for m in self.metrics_log.buffered("train/grad_norm")}
+        rows = [(int(s), a, b) for s, a, b in self.grad_trace if int(s) not in steps]
+        for record in self.history:
+            if int(record["epoch"]) not in epochs:
+                self._log_epoch(record, [])
+        self._log_epoch(None, rows)
 
     def _effective_params(self) -> dict[str, str]:
         """What actually runs, defaults included: the YAML holds only what was set (GCSAM's perturbation norm,
@@ -352,12 +370,12 @@ class _Training:
         out["effective.amp"] = "none" if self.autocast is contextlib.nullcontext else self.cfg.train.amp
         return out
 
-    def _log_epoch(self, record: dict[str, float], trace_rows: list[tuple[int, float, float]]) -> None:
+    def _log_epoch(self, record: dict[str, float] | None, trace_rows: list[tuple[int, float, float]]) -> None:
         if self.metrics_log is None:
             return
-        epoch = int(record["epoch"])
-        self.metrics_log.log({_METRIC_KEY.sub("_", k): v for k, v in record.items()
-                              if k != "epoch" and np.isfinite(v)}, step=epoch)
+        if record is not None:
+            self.metrics_log.log({_METRIC_KEY.sub("_", k): v for k, v in record.items()
+                                  if k != "epoch" and np.isfinite(v)}, step=int(record["epoch"]))
         for step, norm, norm_gc in trace_rows:
             self.metrics_log.log({k: v for k, v in (("train/grad_norm", norm), ("train/grad_norm_gc", norm_gc))
                                   if np.isfinite(v)}, step=step)

@@ -55,6 +55,10 @@ class ResilientMetricLogger:
     def pending(self) -> int:
         return len(self._buffer)
 
+    def buffered(self, key: str) -> list[Metric]:
+        """Queued, not yet sent values of ``key``."""
+        return [m for m in self._buffer if m.key == key]
+
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         """Queue metrics (host floats); nothing is sent until :meth:`flush`."""
         now = int(time.time() * 1000)
@@ -90,6 +94,18 @@ class ResilientMetricLogger:
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
         return True
+
+    def take_spilled(self) -> int:
+        """Queue again what an earlier process of this run spilled (sent with the next flush); returns how many."""
+        if self.spill_path is None or not self.spill_path.is_file():
+            return 0
+        saved = json.loads(self.spill_path.read_text(encoding="utf-8"))
+        if saved.get("run_id") != self.run_id:
+            return 0
+        rows = saved.get("metrics", [])
+        self._buffer.extend(Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"])) for r in rows)
+        self.spill_path.unlink()  # in the buffer now; spilled again if the store is still away at close
+        return len(rows)
 
     def _spill(self) -> None:
         if self.spill_path is None:
