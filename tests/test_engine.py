@@ -299,3 +299,18 @@ def test_an_epoch_checkpointed_but_never_logged_is_sent_on_resume(images, tmp_pa
     assert [m.step for m in client.get_metric_history(run_id, "val_epoch/loss")] == [1, 2]
     assert sorted(m.step for m in client.get_metric_history(run_id, "train/grad_norm")) == list(range(1, 9))
     assert [m.value for m in client.get_metric_history(run_id, "late/figure")] == [0.5] and not spill.exists()
+
+
+def test_resume_of_a_finished_run_repeats_no_stage(images, tmp_path):
+    """--resume on a run that already finished registers no second version and logs no second evaluation."""
+    raw = tiny_config(images, tmp_path, "done", "adam", epochs=1)
+    raw["evaluation"] = {"enabled": True, "positive_class": "malignant", "bootstrap": 20}
+    raw["tracking"] = {"log_model": True, "register_as": "once", "alias": "champion"}
+    cfg = PipelineConfig.model_validate(raw)
+    first = train(cfg)
+    again = train(cfg, resume=True)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert (again.run_id, again.registered_version, again.model_uri) == (first.run_id, "1", first.model_uri)
+    assert len(client.search_model_versions("name = 'once'")) == 1
+    assert len(client.get_metric_history(first.run_id, "val/accuracy")) == 1
+    assert str(client.get_model_version_by_alias("once", "champion").version) == "1"

@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 _METRIC_KEY = re.compile(r"[^\w\-. /]")  # characters MLflow refuses in metric keys
 
 
+STAGES_FILE = "finished_stages.json"  # which end-of-training stages this run has done
+
+
 class FinishError(RuntimeError):
     """Training finished and its checkpoints are on disk, but a stage after it (logging, evaluation,
     sharpness, model registration) failed; ``--resume`` runs the remaining stages."""
@@ -518,24 +521,34 @@ class _Training:
         trace_csv.write_text("step,grad_norm,grad_norm_gc\n" + "".join(
             f"{int(s)},{a:.8g},{b:.8g}\n" for s, a, b in self.grad_trace), encoding="utf-8")
         self.metrics_log.close()
-        self._stage(f"logging the training curves to {self.uri}", lambda: self._log_training(trace_csv))
+        self._stage("curves", f"logging the training curves to {self.uri}", lambda: self._log_training(trace_csv))
         if cfg.evaluation.enabled:
-            self._stage("the end-of-training evaluation", self._evaluate)
+            self._stage("evaluation", "the end-of-training evaluation", self._evaluate)
         if cfg.sharpness.enabled:
-            self._stage("the end-of-training sharpness", self._sharpness)
+            self._stage("sharpness", "the end-of-training sharpness", self._sharpness)
         if not cfg.tracking.log_model:
             return None, None
-        info = self._stage(f"logging the model to {self.uri}", self._log_model)
-        version = info.registered_model_version
-        return info.model_uri, str(version) if version is not None else None
+        logged = self._stage("model", f"logging the model to {self.uri}", self._log_model)
+        return logged["model_uri"], logged["version"]
 
-    def _stage(self, what: str, fn: Callable[[], Any]) -> Any:
-        """One step after training; a failure names it, since the weights are safe on disk and --resume finishes."""
+    def _stage(self, key: str, what: str, fn: Callable[[], Any]) -> Any:
+        """One step after training, done once per run: ``--resume`` after a failure runs only the stages left, and
+        on a finished run none (no second registry version). A failure names the stage; the weights are on disk."""
+        path = self.dir / STAGES_FILE
+        saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        done = saved.get("done", {}) if saved.get("run_id") == self.run_id else {}
+        if key in done:
+            if key == "evaluation":  # its frozen threshold is in best.pt's spec; the model stage needs it
+                self.spec = ModelSpec.model_validate(ckpt_io.load_checkpoint(self.ckpt_dir / ckpt_io.BEST)["spec"])
+            return done[key]
         try:
-            return fn()
+            result = fn()
         except Exception as exc:
             raise FinishError(f"training finished but {what} failed ({type(exc).__name__}: {exc}); the weights "
                               f"are in {self.ckpt_dir / ckpt_io.BEST}; rerun with --resume to finish") from exc
+        done[key] = result
+        path.write_text(json.dumps({"run_id": self.run_id, "done": done}), encoding="utf-8")
+        return result
 
     def _log_training(self, trace_csv: Path) -> None:
         mlflow.log_artifact(str(trace_csv), "training")
@@ -547,13 +560,15 @@ class _Training:
                 mlflow.log_figure(fig, name)
                 figs.close(fig)
 
-    def _log_model(self) -> Any:
+    def _log_model(self) -> dict[str, str | None]:
         from medgcsam.inference.package import log_classifier
 
         cfg = self.cfg
         alias = cfg.tracking.alias if cfg.tracking.register_as else None
-        return log_classifier(self.raw, self.spec, name="model", registered_model_name=cfg.tracking.register_as,
+        info = log_classifier(self.raw, self.spec, name="model", registered_model_name=cfg.tracking.register_as,
                               alias=alias)
+        version = info.registered_model_version
+        return {"model_uri": info.model_uri, "version": str(version) if version is not None else None}
 
     def _evaluate(self) -> None:
         """Operating point and calibration chosen on validation, then reported on every split."""
