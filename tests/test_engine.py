@@ -314,3 +314,17 @@ def test_resume_of_a_finished_run_repeats_no_stage(images, tmp_path):
     assert len(client.search_model_versions("name = 'once'")) == 1
     assert len(client.get_metric_history(first.run_id, "val/accuracy")) == 1
     assert str(client.get_model_version_by_alias("once", "champion").version) == "1"
+
+
+def test_yaml_exponent_numbers_are_numbers(images, tmp_path):
+    """`alpha: 1e-1` is 0.1 (YAML 1.2), not the string PyYAML's 1.1 rules make of it, in free-form sections too."""
+    from medgcsam.config import load_config
+
+    raw = tiny_config(images, tmp_path, "exp", "gsam")
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw) + "")
+    text = path.read_text().replace("lr: 0.003", "lr: 3e-3\n  alpha: 1e-1\n  rho: 5e-2")
+    path.write_text(text)
+    cfg = load_config(path, ["optimizer.eps=1e-12"])
+    assert cfg.optimizer.lr == 0.003
+    assert cfg.optimizer.hyperparameters == {"alpha": 0.1, "rho": 0.05, "eps": 1e-12}

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from medgcsam.config import ConfigError, PipelineConfig, apply_overrides, read_mapping, validated
+from medgcsam.config import ConfigError, PipelineConfig, apply_overrides, load_yaml, read_mapping, validated
 
 from .presets import PRESETS
 
@@ -187,7 +187,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> tup
         base_path = exp.base if exp.base.is_absolute() else here / exp.base
         if not base_path.is_file():
             raise ConfigError(f"{path}: base pipeline {base_path} does not exist; fix 'base:' (relative to {here})")
-        base_raw = yaml.safe_load(base_path.read_text(encoding="utf-8")) or {}
+        base_raw = load_yaml(base_path.read_text(encoding="utf-8")) or {}
         base_dir = base_path.parent
     else:
         base_raw, base_dir = dict(exp.pipeline or {}), here
