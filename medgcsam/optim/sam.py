@@ -180,6 +180,7 @@ class GCSAM(SharpnessAware):
         beta = self.hp["gc_ema_beta"]
         self.ema = {site: SliceMeanEMA(beta) for site in ("ascent", "descent")} if beta is not None else None
         self.stats["grad_norm_gc"] = self._scalar(0.0)
+        self._slice_size_cache: dict[tuple[int, ...], Tensor] = {}
 
     @classmethod
     def validate(cls, hp: dict[str, Any]) -> None:
@@ -200,16 +201,35 @@ class GCSAM(SharpnessAware):
         if self.hp["gc_placement"] == "descent":
             self._sq_gc = self._sum_sq(active)  # no GC on the first pass: the ascent is SAM's
             return self._sq_gc, self._sq_gc
-        # the centralized norm is measured on the centred tensors: the shortcut ||g||^2 - n ||m||^2 cancels
-        # catastrophically in float32 when the centred part is small, and e = rho GC(g) / ~0 blew up to 1e7
-        sq_raw = self._sum_sq(active)
+        # ||GC(g)|| is measured on the centred tensors, and ||g||^2 = ||GC(g)||^2 + n ||m||^2 per tensor (n elements
+        # per output slice) is a sum of non-negative parts. The old shortcut ||g||^2 - n ||m||^2 cancelled in float32
+        # when GC removes nearly all of g, and e = rho GC(g) / ~0 reached 1e7. With GC-EMA the centre is not the
+        # mean, so ||g|| is measured before centring instead.
+        sq_raw = self._sum_sq(active) if self.ema is not None else None
+        means, centred = [], []
         for _, idx in active:
             for i in idx:
                 if self.gc[i]:
                     g = self.params[i].grad
-                    g.sub_(self._center("ascent", i, g.mean(dim=slice_dims(g), keepdim=True)))
+                    mean = g.mean(dim=slice_dims(g), keepdim=True)
+                    g.sub_(self._center("ascent", i, mean))
+                    means.append(mean)
+                    centred.append(i)
         self._sq_gc = self._sum_sq(active)
+        if sq_raw is None:
+            removed = (torch.stack(torch._foreach_norm(means)).to(self.acc_dtype).square()
+                       * self._slice_sizes(tuple(centred))).sum() if means else 0.0
+            sq_raw = self._sq_gc + removed
         return sq_raw, (self._sq_gc if self.hp["perturbation_norm"] == "gc" else sq_raw)
+
+    def _slice_sizes(self, centred: tuple[int, ...]) -> Tensor:
+        """Elements per output slice of the centralized tensors, kept on device (built once per tensor set)."""
+        sizes = self._slice_size_cache.get(centred)
+        if sizes is None:
+            sizes = torch.tensor([self.params[i][0].numel() for i in centred], dtype=self.acc_dtype,
+                                 device=self.device)
+            self._slice_size_cache[centred] = sizes
+        return sizes
 
     def _record_stats(self, sq_raw: Tensor) -> None:
         super()._record_stats(sq_raw)
