@@ -328,3 +328,15 @@ def test_yaml_exponent_numbers_are_numbers(images, tmp_path):
     cfg = load_config(path, ["optimizer.eps=1e-12"])
     assert cfg.optimizer.lr == 0.003
     assert cfg.optimizer.hyperparameters == {"alpha": 0.1, "rho": 0.05, "eps": 1e-12}
+
+
+def test_settings_the_data_or_machine_cannot_honour_fail_before_training(images, tmp_path):
+    """Early stopping without a validation split, and a CUDA device on a machine without one."""
+    raw = tiny_config(images, tmp_path, "nostop", "adam", early_stopping_patience=2)
+    raw["data"]["val_fold"] = None
+    with pytest.raises(ConfigError, match="early_stopping_patience needs a validation split"):
+        train(PipelineConfig.model_validate(raw))
+    if not torch.cuda.is_available():
+        raw = tiny_config(images, tmp_path, "gpu", "adam", device="cuda")
+        with pytest.raises(ConfigError, match="no CUDA device is visible"):
+            train(PipelineConfig.model_validate(raw))

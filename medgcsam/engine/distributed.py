@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from medgcsam.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -37,7 +39,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device is 'cuda' but no CUDA device is visible; set train.device=cpu or auto")
+            raise ConfigError("train.device is 'cuda' but no CUDA device is visible; set train.device=cpu or auto")
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device

@@ -166,6 +166,9 @@ class _Training:
         self.loaders = build_loaders(self.bundle, dcfg, distributed=self.ctx.enabled, seed=cfg.train.seed)
         self.train_loader: DataLoader = self.loaders["train"]
         self.val_loader: DataLoader | None = self.loaders.get("val")
+        if self.val_loader is None and cfg.train.early_stopping_patience is not None:
+            raise ConfigError("train.early_stopping_patience needs a validation split to watch; set data.val_fold "
+                              "(or give the manifest split=val rows), or remove the patience")
         self.inputs = BatchInputs(in_spec, self.device)
         self.class_names = list(self.bundle.class_names)
         self._check_evaluation()
