@@ -38,7 +38,7 @@ class DataConfig(_Strict):
     augment: bool = True
     aug_backend: Literal["monai", "albumentations", "batched"] = "batched"
     val_fold: int | None = Field(0, ge=0, description="Fold of the train split used for validation")
-    dicom_multiframe: Literal["first", "middle", "error"] = "middle"
+    dicom_multiframe: Literal["first", "middle", "error"] = "middle"  # also the page of a multi-page TIFF
 
 
 class ModelConfig(_Strict):

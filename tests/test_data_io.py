@@ -171,3 +171,14 @@ def test_suffixless_dicom_is_detected_and_identifiers_stay_inside(tmp_path):
     with pytest.raises(ImageReadError) as info:
         read_image(path, multiframe="error")
     assert "Secret" not in str(info.value) and "MRN-998877" not in str(info.value)
+
+
+def test_multipage_tiff_follows_the_multiframe_policy(tmp_path):
+    """A TIFF stack is not read as its first page without saying so: the page is picked like a DICOM frame."""
+    pages = [Image.fromarray(np.full((8, 8), v, np.uint8)) for v in (10, 20, 30, 40, 50)]
+    path = tmp_path / "stack.tif"
+    pages[0].save(path, save_all=True, append_images=pages[1:])
+    assert read_image(path, multiframe="first")[0, 0, 0] == pytest.approx(10 / 255)
+    assert read_image(path)[0, 0, 0] == pytest.approx(30 / 255)  # default: the middle page
+    with pytest.raises(ImageReadError, match="TIFF has 5 pages"):
+        read_image(path, multiframe="error")

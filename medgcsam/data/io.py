@@ -81,7 +81,7 @@ def read_image(path: str | Path, *, multiframe: Multiframe = "middle") -> np.nda
         raise ImageReadError(f"{path}: file does not exist; fix the path in the manifest or pass the right --root")
     if path.stat().st_size == 0:
         raise ImageReadError(f"{path}: file is empty (0 bytes); re-export it or set its exclude_reason in the manifest")
-    arr = _read_dicom(path, multiframe) if is_dicom(path) else _read_pillow(path)
+    arr = _read_dicom(path, multiframe) if is_dicom(path) else _read_pillow(path, multiframe)
     bad = int(np.count_nonzero(~np.isfinite(arr)))
     if bad:  # a float image with one NaN would otherwise be min-max scaled to NaN and scored as class 0
         raise ImageReadError(f"{path}: {bad} of {arr.size} pixel values are NaN or infinite after decoding; the "
@@ -89,9 +89,15 @@ def read_image(path: str | Path, *, multiframe: Multiframe = "middle") -> np.nda
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def _read_pillow(path: Path) -> np.ndarray:
+def _read_pillow(path: Path, multiframe: Multiframe = "middle") -> np.ndarray:
     try:
         with Image.open(path) as img:
+            frames = int(getattr(img, "n_frames", 1))
+            if frames > 1 and img.format == "TIFF":  # a stack: the page is chosen as for a multi-frame DICOM
+                if multiframe == "error":
+                    raise ImageReadError(f"{path}: TIFF has {frames} pages and multiframe='error'; choose 'first' "
+                                         f"or 'middle' (data.dicom_multiframe) or export single pages")
+                img.seek(0 if multiframe == "first" else frames // 2)
             img.load()
             return _pillow_to_chw(img)
     except UnidentifiedImageError:
