@@ -125,10 +125,12 @@ def _pillow_to_chw(img: Image.Image) -> np.ndarray:
 
 def _minmax(arr: np.ndarray) -> np.ndarray:
     """Scale to [0, 1] by the finite values; NaN and infinities stay non-finite, for read_image to count."""
-    finite = arr[np.isfinite(arr)]
-    if finite.size == 0:
-        return arr
-    lo, hi = float(finite.min()), float(finite.max())
+    lo, hi = float(arr.min()), float(arr.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # rare: only then pay for a masked copy
+        finite = arr[np.isfinite(arr)]
+        if finite.size == 0:
+            return arr
+        lo, hi = float(finite.min()), float(finite.max())
     if hi <= lo:
         return np.where(np.isfinite(arr), 0.0, arr).astype(np.float32)
     return (arr - lo) / (hi - lo)

@@ -355,7 +355,7 @@ class _Training:
         """On resume, send what an earlier process checkpointed but never got into the store: its spilled
         buffer (an outage at the end), and epochs killed between their checkpoint and their flush."""
         self.metrics_log.take_spilled()
-        client = mlflow.MlflowClient()
+        client = self.metrics_log.client
         with fail_fast_http(self.cfg.tracking.connect_timeout_s):
             epochs = {m.step for m in client.get_metric_history(self.run_id, "epoch_time_s")}
             steps = {m.step for m in client.get_metric_history(self.run_id, "train/grad_norm")}
@@ -526,7 +526,9 @@ class _Training:
         self.metrics_log.close()
         self._stage("curves", f"logging the training curves to {self.uri}", lambda: self._log_training(trace_csv))
         if cfg.evaluation.enabled:
-            self._stage("evaluation", "the end-of-training evaluation", self._evaluate)
+            spec = self._stage("evaluation", "the end-of-training evaluation", self._evaluate)
+            if spec is not None:  # the frozen operating point travels with the model
+                self.spec = ModelSpec.model_validate(spec)
         if cfg.sharpness.enabled:
             self._stage("sharpness", "the end-of-training sharpness", self._sharpness)
         if not cfg.tracking.log_model:
@@ -541,8 +543,6 @@ class _Training:
         saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         done = saved.get("done", {}) if saved.get("run_id") == self.run_id else {}
         if key in done:
-            if key == "evaluation":  # its frozen threshold is in best.pt's spec; the model stage needs it
-                self.spec = ModelSpec.model_validate(ckpt_io.load_checkpoint(self.ckpt_dir / ckpt_io.BEST)["spec"])
             return done[key]
         try:
             result = fn()
@@ -573,23 +573,25 @@ class _Training:
         version = info.registered_model_version
         return {"model_uri": info.model_uri, "version": str(version) if version is not None else None}
 
-    def _evaluate(self) -> None:
-        """Operating point and calibration chosen on validation, then reported on every split."""
+    def _evaluate(self) -> dict[str, Any] | None:
+        """Operating point and calibration chosen on validation, then reported on every split; returns the
+        model spec carrying the frozen threshold (None when there is no validation split to choose it on)."""
         from medgcsam.evaluation.evaluate import evaluate, log_evaluation
 
         if self.bundle.val is None:
             log.warning("evaluation skipped: it needs a validation split (data.val_fold or split=val rows)")
-            return
+            return None
         result = evaluate(self.raw, self.bundle, self.spec, self.cfg.evaluation, self.device, self.dir / "evaluation",
                           batch_size=self.cfg.data.eval_batch_size or self.cfg.data.batch_size,
                           seed=self.cfg.train.seed)
         log_evaluation(result)
-        self.spec = result.spec
+        spec = result.spec.model_dump(mode="json")
         best = self.ckpt_dir / ckpt_io.BEST
         if best.is_file():  # the checkpoint serves `predict` too, so it carries the frozen threshold as well
             state = ckpt_io.load_checkpoint(best)
-            state["spec"] = self.spec.model_dump(mode="json")
+            state["spec"] = spec
             ckpt_io.save_checkpoint(best, state)
+        return spec
 
     def _sharpness(self) -> None:
         """Hessian sharpness of the selected weights on a fixed, augmentation-free subset of the train split."""

@@ -27,19 +27,21 @@ from .selection import CandidateResult  # noqa: E402
 from .stats import mcnemar_exact, paired_comparison, summarize  # noqa: E402
 
 if TYPE_CHECKING:
+    from .grid import Cell
     from .runner import Experiment
 
 TIME_LABELS = {"time per epoch vs reference": "cell/time_per_epoch_s", "time to best val (s)": "cell/time_to_best_s"}
 
 
-def collect(exp: Experiment, finished: dict[str, Run]) -> pd.DataFrame:
-    """One row per finished cell of the reported stage (grid, or final after selection)."""
+def collect(exp: Experiment, finished: dict[str, Run], plan: list[Cell] | None = None) -> pd.DataFrame:
+    """One row per finished cell of the reported stage (grid, or final after selection) in ``plan``
+    (default: the experiment's current plan)."""
     from .runner import TAG_CELL_INFO, TIME_PER_EPOCH, TIME_TO_BEST
 
     stage = "final" if exp.config.selection is not None else "grid"
     # only the cells of the current plan: a cell whose definition changed since (another value, a newly
     # chosen candidate) keeps its finished run in the store, and must not count as an extra seed
-    planned = {c.id for c in exp.plan(finished)}
+    planned = {c.id for c in (exp.plan(finished) if plan is None else plan)}
     rows = []
     for cell_id, run in finished.items():
         info = json.loads(run.data.tags.get(TAG_CELL_INFO, "{}"))
@@ -321,9 +323,9 @@ def write_report(exp: Experiment, finished: dict[str, Run]) -> Path:
     out = exp.output_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     cfg = exp.config
-    df = collect(exp, finished)
-    df.to_csv(out / "cells.csv", index=False)
     plan = exp.plan(finished)
+    df = collect(exp, finished, plan)
+    df.to_csv(out / "cells.csv", index=False)
     lines = [f"# Experiment `{cfg.name}`", "", cfg.description, "",
              f"- experiment file: `{exp.path.name}`; overrides: `{exp.overrides}`",
              f"- parent MLflow run: `{exp.parent_run_id()}` in `{exp.tracking_uri}`",

@@ -41,15 +41,17 @@ class GCAdam(WrappedOptimizer):
             return
         idx = [i for i, p in enumerate(self.params) if self.gc[i] and p.grad is not None]
         rest = [p.grad for i, p in enumerate(self.params) if not self.gc[i] and p.grad is not None]
-        means = [g.mean(dim=slice_dims(g), keepdim=True) for g in (self.params[i].grad for i in idx)]
         grads = [self.params[i].grad for i in idx]
+        # ||GC(g)|| is measured on centred tensors: ||g||^2 - n ||m||^2 cancels catastrophically in float32
         if self.hp["gc_placement"] == "grad":
-            torch._foreach_sub_(grads, means)
-            centred = grads
-        else:  # the base steps with the raw gradient; the statistic needs the centred one as a copy
-            centred = torch._foreach_sub(grads, means) if grads else []
-        # measured on the centred tensors: ||g||^2 - n ||m||^2 cancels catastrophically in float32
-        self.stats["grad_norm_gc"].copy_(sq_norm([*centred, *rest], self.acc_dtype, self.device).sqrt())
+            for g in grads:
+                g.sub_(g.mean(dim=slice_dims(g), keepdim=True))
+            sq = sq_norm([*grads, *rest], self.acc_dtype, self.device)
+        else:  # the base steps with the raw gradient: each centred copy lives only while it is measured
+            sq = sq_norm(rest, self.acc_dtype, self.device)
+            for g in grads:
+                sq = sq + sq_norm([g - g.mean(dim=slice_dims(g), keepdim=True)], self.acc_dtype, self.device)
+        self.stats["grad_norm_gc"].copy_(sq.sqrt())
         if self.hp["gc_placement"] == "update" and idx:
             torch._foreach_copy_(self.buffers("before", idx), self.tensors(idx))
         self._updated = idx if self.hp["gc_placement"] == "update" else []
