@@ -176,6 +176,18 @@ def test_lanczos_designed_spectrum_certified():
     assert float(torch.linalg.norm(a @ u - res.values[0] * u)) == pytest.approx(res.residuals[0], abs=1e-9)
 
 
+def test_lanczos_basis_stays_orthonormal_in_float32_after_convergence():
+    """Once the top Ritz value converges, plain Lanczos loses orthogonality and repeats it (ghosts);
+    the recurrence plus one reorthogonalising pass must keep Q^T Q = I to float32 working precision."""
+    a = designed(np.r_[1000.0, 900.0, np.linspace(-1, 1, 398)], seed=4).float()
+    run = lanczos(lambda v: a @ v, torch.ones(400), 60)
+    q = run.basis.double()
+    assert float(torch.max(torch.abs(q @ q.T - torch.eye(len(q), dtype=F64)))) < 1e-5
+    theta, _ = run.ritz()
+    assert np.sum(np.abs(theta - 1000.0) < 1e-2) == 1  # no ghost copy of the top eigenvalue
+    assert theta[-1] == pytest.approx(1000.0, rel=1e-6)
+
+
 def test_power_iteration_tight_and_pyhessian_mode():
     a = designed(SPECTRUM)
     tight = power_iteration(lambda v: a @ v, 200, k=1, max_iter=1000, tol=1e-8, dtype=F64)
