@@ -5,12 +5,13 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from medgcsam.data.builders import BuildError, build_manifest, parse_covidx_line
 from medgcsam.data.cli import manifest_app
 from medgcsam.data.manifest import read_manifest
-from tests.helpers_images import make_image_folder, synthetic_pixels, write_image
+from tests.helpers_images import dicom_test_file, make_image_folder, synthetic_pixels, write_image
 
 
 def test_busi_drops_every_mask_file(tmp_path):
@@ -41,6 +42,41 @@ def test_generic_folder_layout(tmp_path):
     assert df["label"].tolist() == ["a", "a", "b", "b"] and (df["source"] == "ds").all()
     with pytest.raises(BuildError, match="no images"):
         build_manifest("folder", tmp_path / "ds" / "a")
+
+
+def test_folder_keeps_suffixless_dicom_and_reports_what_it_leaves_out(tmp_path):
+    """A PACS export named IM0001 (readable by read_image) and a GIF were dropped without a word."""
+    write_image(tmp_path / "ds" / "a" / "x.png", synthetic_pixels(1))
+    (tmp_path / "ds" / "b").mkdir()
+    shutil.copy(dicom_test_file("CT_small.dcm"), tmp_path / "ds" / "b" / "IM0001")
+    Image.fromarray(synthetic_pixels(2)).save(tmp_path / "ds" / "b" / "y.gif")
+    result = build_manifest("folder", tmp_path / "ds")
+    assert result.frame["path"].tolist() == ["a/x.png", "b/IM0001"]
+    assert any("1 file(s) left out" in n and "b/y.gif" in n for n in result.notes)
+
+
+def test_label_files_in_other_encodings_name_file_and_line(tmp_path):
+    """A cp1252 label.csv or COVIDx label file raised a bare UnicodeDecodeError naming neither."""
+    write_image(tmp_path / "img" / "café.png", synthetic_pixels(1))
+    (tmp_path / "label.csv").write_bytes("name,label\ncafé,0\n".encode("cp1252"))
+    with pytest.raises(BuildError, match=r"label.csv line 2: not UTF-8 \(byte 0xe9\)"):
+        build_manifest("gdph_sysucc", tmp_path)
+    (tmp_path / "test.txt").write_bytes("p\xe91 café.png negative rsna\n".encode("latin-1"))
+    with pytest.raises(BuildError, match=r"test.txt line 1: not UTF-8"):
+        build_manifest("covidx", tmp_path)
+
+
+def test_label_file_bom_and_trailing_commas_do_not_corrupt_rows(tmp_path):
+    """A BOM stuck to the first COVIDx patient id (so that patient became two split groups), and a trailing
+    comma on every label.csv row shifted the columns (names read as labels)."""
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / "train" / name, synthetic_pixels(len(name)))
+    (tmp_path / "train.txt").write_bytes("\ufeffp1 a.png positive rsna\r\np1 b.png positive rsna\r\n".encode())
+    assert build_manifest("covidx", tmp_path).frame["patient_id"].tolist() == ["rsna:p1", "rsna:p1"]
+    (tmp_path / "gdph" / "img").mkdir(parents=True)
+    (tmp_path / "gdph" / "label.csv").write_text("name,label\nx,0,\ny,1,\n")
+    df = build_manifest("gdph_sysucc", tmp_path / "gdph").frame
+    assert df["path"].tolist() == ["img/x", "img/y"] and df["label"].tolist() == ["benign", "malignant"]
 
 
 def test_gdph_sysucc_label_csv_and_missing_images(tmp_path):

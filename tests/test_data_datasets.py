@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from medgcsam.config import DataConfig
 from medgcsam.data.datasets import BatchInputs, build_datasets, build_loaders
-from medgcsam.data.io import read_image
+from medgcsam.data.io import ImageReadError, read_image
 from medgcsam.data.transforms import AugmentRecipe, BatchAugmentd, build_transforms, deterministic_transforms
 from medgcsam.models.factory import InputSpec, create_model, input_spec
 from tests.helpers_images import make_manifest, synthetic_pixels, write_image
@@ -135,6 +137,17 @@ def test_task_drops_classes_and_unknown_labels_fail(manifest, tmp_path):
         build_datasets(_cfg(manifest, task=None, classes=["benign", "malignant"]), GREY)
 
 
+def test_labels_differing_only_in_case_are_not_two_classes(manifest, tmp_path):
+    """Without a task, 'Benign' and 'benign' silently became two classes."""
+    text = manifest.read_text().replace(",benign,", ",Benign,", 1)
+    (tmp_path / "m.csv").write_text(text)
+    cfg = _cfg(tmp_path / "m.csv", task=None, root=manifest.parent)
+    with pytest.raises(ValueError, match=r"labels \['Benign', 'benign'\] differ only in case"):
+        build_datasets(cfg, GREY)
+    assert build_datasets(_cfg(tmp_path / "m.csv", root=manifest.parent), GREY).class_names == [
+        "benign", "malignant", "normal"]
+
+
 @pytest.mark.parametrize("cache", ["memory", "disk"])
 def test_cache_matches_uncached_pipeline(manifest, tmp_path, cache):
     plain = build_datasets(_cfg(manifest, augment=False), RGB).train
@@ -183,6 +196,16 @@ def test_torn_or_foreign_disk_entries_are_rebuilt(manifest, tmp_path):
     for i in range(3):
         torch.testing.assert_close(fresh[i]["image"], expected[i])
         assert np.load(files[i]).shape == (1, 32, 32)
+
+
+def test_disk_cache_names_a_file_gone_since_the_manifest(tmp_path):
+    """Without sha256 the disk key stats the file: a deleted image was a bare FileNotFoundError."""
+    df = make_manifest(tmp_path, tmp_path / "m.csv", n_per_class=10).assign(sha256="")
+    df.to_csv(tmp_path / "m.csv", index=False)
+    gone = df.loc[df["split"] == "train", "path"].iloc[0]
+    (tmp_path / gone).unlink()
+    with pytest.raises(ImageReadError, match=f"{re.escape(gone)}: file does not exist.*exclude_reason"):
+        build_datasets(_cfg(tmp_path / "m.csv", task=None, cache="disk", cache_dir=tmp_path / "cache"), GREY)
 
 
 def test_disk_cache_is_keyed_by_transform_config(manifest, tmp_path):

@@ -151,10 +151,42 @@ def test_missing_codec_names_transfer_syntax_and_package():
 
 
 @pytest.mark.parametrize("name, match", [("MR_truncated.dcm", "does not decode"),
-                                         ("rtplan.dcm", "no pixel data")])
+                                         ("rtplan.dcm", "no pixel data"),
+                                         ("badVR.dcm", "image attributes are invalid")])  # NumberOfFrames '1A'
 def test_broken_dicom_files(name, match):
     with pytest.raises(ImageReadError, match=match):
         read_image(dicom_test_file(name))
+
+
+def test_damaged_compressed_dicom_is_not_blamed_on_a_missing_codec_and_logs_nothing(tmp_path, caplog):
+    """A JPEG codestream cut in half, with Pillow's JPEG decoder installed: it was reported as 'no installed
+    decoder handles it', and pydicom's decoder logged an ERROR traceback to the root logger."""
+    import logging
+
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_fragments
+
+    ds = pydicom.dcmread(dicom_test_file("SC_rgb_jpeg_dcmtk.dcm"))
+    fragment = next(f for f in generate_fragments(ds.PixelData) if f)
+    ds.PixelData = encapsulate([fragment[: len(fragment) // 2]])
+    ds.PatientName, ds.PatientID = "Secret^Name", "MRN-998877"
+    ds.save_as(tmp_path / "cut.dcm")
+    with caplog.at_level(logging.DEBUG), pytest.raises(ImageReadError) as info:
+        read_image(tmp_path / "cut.dcm")
+    assert "damaged or truncated" in str(info.value) and "no installed decoder" not in str(info.value)
+    assert [r for r in caplog.records if r.name.startswith("pydicom")] == []
+    assert "Secret" not in caplog.text + str(info.value) and "MRN-998877" not in caplog.text + str(info.value)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A JPEG/PNG saved rotated with an EXIF Orientation tag was read as stored, not as displayed."""
+    pixels = synthetic_pixels(3, (20, 30))
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = 6  # display = stored rotated 90 degrees clockwise
+    img.save(tmp_path / "rotated.png", exif=exif)
+    arr = read_image(tmp_path / "rotated.png")
+    np.testing.assert_array_equal(arr[0], np.rot90(pixels, k=-1).astype(np.float32) / 255.0)
 
 
 def test_dicom_suffix_on_non_dicom_file(tmp_path):
@@ -182,3 +214,11 @@ def test_multipage_tiff_follows_the_multiframe_policy(tmp_path):
     assert read_image(path)[0, 0, 0] == pytest.approx(30 / 255)  # default: the middle page
     with pytest.raises(ImageReadError, match="TIFF has 5 pages"):
         read_image(path, multiframe="error")
+
+
+def test_oversized_image_is_an_image_read_error(tmp_path, monkeypatch):
+    """Pillow's DecompressionBombError is no OSError: it escaped read_image and crashed validate and split."""
+    path = write_image(tmp_path / "big.png", synthetic_pixels(1))  # 40x48 > 2 x the lowered limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ImageReadError, match=r"big.png: Image size .* downscale it or set its exclude_reason"):
+        read_image(path)

@@ -65,6 +65,17 @@ def test_utf8_bom_is_accepted(tmp_path):
     assert read_manifest(path)["path"].tolist() == ["a.png"]
 
 
+def test_rows_longer_than_the_header_never_shift_columns(tmp_path):
+    """pandas makes the first column the index when every row has one field more than the header: the paths
+    were lost and labels read as paths (or a TypeError when a cell was empty)."""
+    shifted = _write(tmp_path / "m.csv", "path,label\na.png,benign,x\nb.png,malignant,y\n")
+    with pytest.raises(ManifestError, match=r"line\(s\) 2, 3 have more fields than the 2 header columns"):
+        read_manifest(shifted)
+    trailing = _write(tmp_path / "t.csv", "path,label\r\na.png,benign,\r\nb.png,malignant,\r\n")
+    df = read_manifest(trailing)
+    assert df["path"].tolist() == ["a.png", "b.png"] and df["label"].tolist() == ["benign", "malignant"]
+
+
 def test_task_maps_labels_and_excludes_instead_of_deleting():
     df = pd.DataFrame({"path": ["a", "b", "c"], "label": ["benign", "Malignant", "normal"],
                        "exclude_reason": ["", "", ""]})
@@ -100,3 +111,15 @@ def test_merge_rebases_paths_and_applies_task(tmp_path):
     assert df["split"].tolist() == ["", "", "test"]  # official splits survive a merge
     with pytest.raises(ValueError, match="more than one input"):
         merge_manifests([tmp_path / "a" / "m.csv", tmp_path / "a" / "m.csv"], out_dir)
+
+
+def test_merge_names_the_input_and_keeps_provenance_without_a_source(tmp_path):
+    """An unknown label was reported at the pooled frame's line (15 for line 3 of the second file), and rows
+    of manifests without a source column could no longer be traced to their input."""
+    (tmp_path / "a.csv").write_text("path,label,source\n" + "".join(f"x{i}.png,benign,busi\n" for i in range(12)))
+    (tmp_path / "site_b.csv").write_text("path,label\ny1.png,Malignant\ny2.png,cyst\n")
+    with pytest.raises(ValueError, match=r"site_b.csv: labels \['cyst'\] \(line\(s\) 3\)"):
+        merge_manifests([tmp_path / "a.csv", tmp_path / "site_b.csv"], tmp_path, task="bus_3class")
+    (tmp_path / "site_b.csv").write_text("path,label\ny1.png,Malignant\n")
+    df = merge_manifests([tmp_path / "a.csv", tmp_path / "site_b.csv"], tmp_path, task="bus_3class")
+    assert df["source"].tolist() == ["busi"] * 12 + ["site_b"] and df["label"].iloc[-1] == "malignant"

@@ -112,3 +112,37 @@ def test_bad_arguments(pool):
         split_manifest(df, root, test_size=1.5)
     with pytest.raises(ValueError, match="groups for 5 folds"):
         split_manifest(df.head(3), root, near_duplicates=False)
+
+
+def test_group_in_two_frozen_splits_is_an_error_not_kept(pool):
+    """Official val and test rows of one patient were kept where they were: leakage the split left in place."""
+    root, df = pool
+    df = df.copy()
+    first, second = df.index[df["patient_id"] == "pbenign0"][:2]
+    df.loc[first, "split"], df.loc[second, "split"] = "val", "test"
+    with pytest.raises(ValueError, match=r"1 patient/duplicate group\(s\) span frozen splits.*'pbenign0'.*exclude"):
+        split_manifest(df, root, near_duplicates=False)
+
+
+def _tiny(n_normal_patients: int, images_each: int = 5) -> pd.DataFrame:
+    rows = [{"path": f"b{i}.png", "label": "benign", "patient_id": f"b{i}"} for i in range(40)]
+    rows += [{"path": f"n{i}_{j}.png", "label": "normal", "patient_id": f"n{i}"}
+             for i in range(n_normal_patients) for j in range(images_each)]
+    return normalize_manifest(pd.DataFrame(rows))
+
+
+def test_class_with_fewer_patients_than_folds_is_named(tmp_path):
+    """10 images of 2 patients: sklearn counts images (10 >= 5) and said nothing, yet 3 of 5 folds got none."""
+    df = _tiny(2)
+    df.loc[:7, "split"] = "test"  # a frozen test of benign rows: every normal row goes to train
+    with pytest.warns(UserWarning, match=r"class 'normal' has no image in train fold\(s\) \[\d, \d, \d\].*lower k"):
+        out = split_manifest(df, tmp_path, near_duplicates=False, k=5)
+    assert out.loc[out["label"] == "normal", "fold"].nunique() == 2
+
+
+def test_class_only_in_a_frozen_split_is_warned(tmp_path):
+    df = _tiny(3)
+    df.loc[df["label"] == "normal", "split"] = "test"
+    with pytest.warns(UserWarning, match=r"class\(es\) \['normal'\] have no image in the train split"):
+        out = split_manifest(df, tmp_path, near_duplicates=False, k=5)
+    assert (out.loc[out["label"] == "normal", "split"] == "test").all()

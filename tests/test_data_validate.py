@@ -77,6 +77,16 @@ def test_unknown_labels_duplicate_rows_and_sha_mismatch(clean):
     assert ("warning", "unknown-label") in _codes(without_task)
 
 
+def test_labels_differing_in_case_are_errors_unless_a_task_maps_them(clean):
+    """'Benign' next to 'benign' passed validation, although training without a task makes them two classes
+    and data.classes matches labels exactly."""
+    _edit(clean, lambda df: df.assign(label=df["label"].where(df.index != 0, df["label"].iloc[0].capitalize())))
+    assert ("error", "label-case") in _codes(validate_manifest(clean, near_duplicates=False))
+    with_classes = validate_manifest(clean, classes=["benign", "malignant"], near_duplicates=False)
+    assert ("error", "unknown-label") in _codes(with_classes)
+    assert validate_manifest(clean, task="bus_binary", near_duplicates=False).ok
+
+
 def test_exact_duplicates_across_splits_or_labels(clean):
     root = clean.parent
     df = pd.read_csv(clean, dtype=str, keep_default_na=False)
@@ -146,3 +156,26 @@ def test_cli_exit_codes_and_inputs_untouched(clean):
     assert res.exit_code == 1 and "ERROR [decode]" in res.output and "benign (3).png" in res.output
     after = {p: (file_sha256(p), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
     assert before == after
+
+
+def test_cli_unknown_task_and_spaced_classes(clean):
+    """--task typo ended in a KeyError traceback; --classes "benign, malignant" made ' malignant' a class that
+    no (stripped) label matched."""
+    runner = CliRunner()
+    res = runner.invoke(manifest_app, ["validate", str(clean), "--task", "bus_binry", "--no-near-duplicates"])
+    assert res.exit_code == 2 and "unknown task 'bus_binry'" in res.output and res.exception.__class__ is SystemExit
+    res = runner.invoke(manifest_app, ["validate", str(clean), "--classes", "benign, malignant",
+                                       "--no-near-duplicates"])
+    assert res.exit_code == 0, res.output
+
+
+def test_uppercase_sha256_is_the_same_digest(clean):
+    """PowerShell's Get-FileHash writes uppercase hex: every such row was reported as a changed file, and a copy
+    hashed by another tool (lowercase) was not seen as a duplicate."""
+    df = pd.read_csv(clean, dtype=str, keep_default_na=False)
+    df["sha256"] = df["sha256"].str.upper()
+    df.loc[len(df)] = {**df.iloc[0].to_dict(), "path": "copy.png", "sha256": df["sha256"].iloc[0].lower()}
+    shutil.copy(clean.parent / df["path"].iloc[0], clean.parent / "copy.png")
+    df.to_csv(clean, index=False)
+    report = validate_manifest(clean, near_duplicates=False)
+    assert "sha256-mismatch" not in _codes(report) and ("warning", "duplicate") in _codes(report)

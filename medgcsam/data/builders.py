@@ -8,7 +8,9 @@ to the source root. Structural problems (a missing label file, an unparseable ro
 
 from __future__ import annotations
 
+import io
 import re
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from medgcsam.data.io import IMAGE_SUFFIXES
+from medgcsam.data.io import IMAGE_SUFFIXES, is_dicom
 from medgcsam.data.manifest import MANIFEST_COLUMNS, file_sha256, normalize_manifest
 
 MISSING_FILE = "file not found"
@@ -77,30 +79,66 @@ def _rows(records: list[dict]) -> pd.DataFrame:
     return df
 
 
-def _walk_class_folders(root: Path, skip: Callable[[Path], bool] = lambda p: False) -> tuple[list[dict], int]:
-    """Images under ``root/<class>/**``; returns records and how many files ``skip`` dropped."""
-    records, skipped = [], 0
+def _read_text(path: Path) -> str:
+    """A label file as text; a UTF-8 BOM is dropped (else it sticks to the first id), other encodings are an
+    error naming the file and line instead of a bare UnicodeDecodeError."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise BuildError(f"{path} line {line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); re-save it as UTF-8") from None
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """A label CSV as strings; errors name the file. index_col=False: a trailing comma on every row must
+    not make the first column the index (which shifts every value one column left); fields beyond the
+    header are dropped, as builders read only named columns."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            return pd.read_csv(io.StringIO(_read_text(path)), dtype=str, keep_default_na=False, index_col=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise BuildError(f"{path}: not a readable CSV ({exc}); it must be comma separated with a header "
+                         f"row") from None
+
+
+def _walk_class_folders(root: Path, skip: Callable[[Path], bool] = lambda p: False
+                        ) -> tuple[list[dict], int, list[str]]:
+    """Images under ``root/<class>/**``, DICOM also by its magic (PACS exports often have no suffix);
+    returns records, how many files ``skip`` dropped, and the other files, so none vanishes unreported."""
+    records, skipped, other = [], 0, []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for file in sorted(class_dir.rglob("*")):
-            if not file.is_file() or file.name.startswith(".") or file.suffix.lower() not in IMAGE_SUFFIXES:
+            if not file.is_file() or file.name.startswith("."):
+                continue
+            if file.suffix.lower() not in IMAGE_SUFFIXES and not is_dicom(file):
+                other.append(file.relative_to(root).as_posix())
                 continue
             if skip(file):
                 skipped += 1
                 continue
             records.append({"path": file.relative_to(root).as_posix(), "label": class_dir.name})
-    return records, skipped
+    return records, skipped, other
+
+
+def _other_files_note(other: list[str]) -> list[str]:
+    if not other:
+        return []
+    return [f"{len(other)} file(s) left out as neither {'/'.join(IMAGE_SUFFIXES)} nor DICOM (e.g. {other[:3]}); "
+            f"convert any that are images"]
 
 
 @register_builder("folder")
 def build_folder(root: Path, *, source: str | None = None) -> BuildResult:
     """Generic layout: one sub-folder per class, images anywhere below it."""
-    records, _ = _walk_class_folders(root)
+    records, _, other = _walk_class_folders(root)
     if not records:
         raise BuildError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in class sub-folders; expected "
                          f"ROOT/<class>/<image>")
     df = _rows(records)
     df["source"] = source or root.name
-    return BuildResult(df, [f"{len(df)} images in {df['label'].nunique()} class folders"])
+    return BuildResult(df, [f"{len(df)} images in {df['label'].nunique()} class folders", *_other_files_note(other)])
 
 
 BUSI_CLASSES = ("benign", "malignant", "normal")
@@ -120,7 +158,7 @@ def build_busi(root: Path) -> BuildResult:
     if extra:
         raise BuildError(f"{root_in}: unexpected folder(s) {extra}; BUSI has only {list(BUSI_CLASSES)} "
                          f"(use --format folder for other layouts)")
-    records, masks = _walk_class_folders(root_in, skip=lambda p: "_mask" in p.stem.lower())
+    records, masks, other = _walk_class_folders(root_in, skip=lambda p: "_mask" in p.stem.lower())
     if not records:
         raise BuildError(f"{root_in}: no BUSI images; expected benign/ malignant/ normal/ with 'benign (1).png' ...")
     df = _rows(records)
@@ -129,7 +167,8 @@ def build_busi(root: Path) -> BuildResult:
     df["source"] = "busi"
     counts = df["label"].value_counts().to_dict()
     return BuildResult(df, [f"{len(df)} images {counts}; {masks} mask file(s) dropped",
-                            "BUSI has no patient ids: `manifest split` groups by duplicate cluster"])
+                            "BUSI has no patient ids: `manifest split` groups by duplicate cluster",
+                            *_other_files_note(other)])
 
 
 @register_builder("gdph_sysucc")
@@ -138,7 +177,7 @@ def build_gdph_sysucc(root: Path) -> BuildResult:
     label_file = root / "label.csv"
     if not label_file.is_file():
         raise BuildError(f"{root}: no label.csv; pass the GDPH&SYSUCC folder that holds label.csv and img/")
-    table = pd.read_csv(label_file, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    table = _read_table(label_file)
     table.columns = [c.strip().lower() for c in table.columns]
     if not {"name", "label"} <= set(table.columns):
         raise BuildError(f"{label_file}: columns {list(table.columns)}; expected 'name' and 'label'")
@@ -147,6 +186,8 @@ def build_gdph_sysucc(root: Path) -> BuildResult:
     for i, (name, label) in enumerate(zip(table["name"].str.strip(), table["label"].str.strip(), strict=True)):
         if label.lower() not in names:
             raise BuildError(f"{label_file} line {i + 2}: label {label!r}; expected 0 (benign) or 1 (malignant)")
+        if not name:  # would become the img/ folder itself, excluded as 'file not found'
+            raise BuildError(f"{label_file} line {i + 2}: empty name; give the image file name or delete the row")
         records.append({"path": _find_image(root / "img", name, root), "label": names[label.lower()]})
     df = _rows(records)
     df["source"] = "gdph_sysucc"
@@ -172,7 +213,7 @@ def build_busbra(root: Path, *, folds: int = 5) -> BuildResult:
     data_file = root / "bus_data.csv"
     if not data_file.is_file():
         raise BuildError(f"{root}: no bus_data.csv; pass the BUS-BRA folder that holds bus_data.csv and Images/")
-    table = pd.read_csv(data_file, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    table = _read_table(data_file)
     cols = {c.strip().lower(): c for c in table.columns}
     if "id" not in cols or "pathology" not in cols:
         raise BuildError(f"{data_file}: columns {list(table.columns)}; expected at least 'ID' and 'Pathology'")
@@ -202,7 +243,7 @@ def build_busbra(root: Path, *, folds: int = 5) -> BuildResult:
 
 
 def _official_folds(fold_file: Path, ids: pd.Series) -> list[int]:
-    table = pd.read_csv(fold_file, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    table = _read_table(fold_file)
     cols = {c.strip().lower(): c for c in table.columns}
     if "id" not in cols or "kfold" not in cols:
         raise BuildError(f"{fold_file}: columns {list(table.columns)}; expected 'ID' and 'kFold'")
@@ -277,16 +318,15 @@ def build_covidx(root: Path) -> BuildResult:
     for lf in label_files:
         split = _covidx_split(lf.name)
         image_dir = root / split if (root / split).is_dir() else root
-        with open(lf, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                row = parse_covidx_line(line, f"{lf} line {n}")
-                aliased += line.rstrip().lower().endswith(tuple(f" {a}" for a in COVIDX_SOURCE_ALIASES))
-                sources[row.source] += 1
-                records.append({"path": (image_dir / row.filename).relative_to(root).as_posix(), "label": row.label,
-                                "source": row.source, "patient_id": f"{row.source}:{row.patient_id}",
-                                "split": split})
+        for n, line in enumerate(_read_text(lf).splitlines(), start=1):
+            if not line.strip():
+                continue
+            row = parse_covidx_line(line, f"{lf} line {n}")
+            aliased += line.rstrip().lower().endswith(tuple(f" {a}" for a in COVIDX_SOURCE_ALIASES))
+            sources[row.source] += 1
+            records.append({"path": (image_dir / row.filename).relative_to(root).as_posix(), "label": row.label,
+                            "source": row.source, "patient_id": f"{row.source}:{row.patient_id}",
+                            "split": split})
     df = _rows(records)
     notes = [f"{len(df)} rows from {[p.name for p in label_files]}; per split "
              f"{df['split'].value_counts().to_dict()}", f"sources: {dict(sources)}"]

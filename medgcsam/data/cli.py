@@ -101,9 +101,12 @@ def validate_command(
     max_distance: int = typer.Option(DEFAULT_PHASH_DISTANCE),
 ) -> None:
     """Report missing/broken files, unknown labels, duplicates and leakage; exit 1 on errors."""
-    report = validate_manifest(manifest, root=root, task=task, encoding=encoding, decode=decode,
-                               classes=classes.split(",") if classes else None,
-                               near_duplicates=near_duplicates, max_distance=max_distance)
+    try:
+        report = validate_manifest(manifest, root=root, task=task, encoding=encoding, decode=decode,
+                                   classes=[c.strip() for c in classes.split(",")] if classes else None,
+                                   near_duplicates=near_duplicates, max_distance=max_distance)
+    except KeyError as exc:  # an unknown --task
+        _fail(exc)
     typer.echo(report.render())
     if not report.ok:
         raise typer.Exit(1)

@@ -42,8 +42,9 @@ from torch.utils.data import (
 )
 
 from medgcsam.config import DataConfig
+from medgcsam.data.io import ImageReadError
 from medgcsam.data.manifest import included, manifest_sha256, read_manifest, resolve_root
-from medgcsam.data.tasks import apply_task, get_task
+from medgcsam.data.tasks import apply_task, case_variants, get_task
 from medgcsam.data.transforms import (
     InputSpecLike,
     deterministic_transforms,
@@ -160,7 +161,11 @@ class ManifestDataset(Dataset):
         sha = self.frame.at[index, "sha256"] if "sha256" in self.frame else ""
         if sha:
             return sha
-        st = os.stat(self.paths[index])
+        try:
+            st = os.stat(self.paths[index])
+        except FileNotFoundError:  # gone since the manifest was written; say which row and what to do
+            raise ImageReadError(f"{self.paths[index]}: file does not exist; fix the path in the manifest or "
+                                 f"data.root, or set its exclude_reason") from None
         key = f"{os.path.abspath(self.paths[index])}|{st.st_size}|{st.st_mtime_ns}"
         return hashlib.sha256(key.encode()).hexdigest()
 
@@ -314,6 +319,9 @@ def build_datasets(cfg: DataConfig, spec: InputSpecLike) -> DataBundle:
     if cfg.task:
         df = apply_task(df, cfg.task)
     df = included(df)
+    if not (cfg.task or cfg.classes) and (variants := case_variants(df["label"])):
+        raise ValueError(f"{cfg.manifest}: labels {variants} differ only in case and would train as separate "
+                         f"classes; write each class one way, or set data.task (its map ignores case)")
     classes = cfg.classes or (get_task(cfg.task).classes if cfg.task else sorted(df["label"].unique()))
     unknown = df.index[~df["label"].isin(classes)]
     if len(unknown):

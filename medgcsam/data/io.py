@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -99,9 +99,14 @@ def _read_pillow(path: Path, multiframe: Multiframe = "middle") -> np.ndarray:
                                          f"or 'middle' (data.dicom_multiframe) or export single pages")
                 img.seek(0 if multiframe == "first" else frames // 2)
             img.load()
+            if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # phones and some scanners save rotated
+                img = ImageOps.exif_transpose(img)  # pixels as displayed, as the annotator saw them
             return _pillow_to_chw(img)
     except UnidentifiedImageError:
         raise ImageReadError(f"{path}: not a recognised image format; convert it to PNG/JPEG/DICOM or set its "
+                             f"exclude_reason in the manifest") from None
+    except Image.DecompressionBombError as exc:  # not an OSError: it escaped as a bare traceback
+        raise ImageReadError(f"{path}: {exc} Pillow refuses an image this large: downscale it or set its "
                              f"exclude_reason in the manifest") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{path}: image does not decode ({exc}); the file is probably truncated or corrupt: "
@@ -141,20 +146,32 @@ def _quiet_pydicom() -> Iterator[None]:
     """pydicom's warnings and log records about a damaged header quote the element values it read, and the
     file meta (always parsed) holds UIDs, while a damaged length can swallow the patient module: none of it
     may reach a log. Exceptions still propagate and are reported without their text."""
-    logger = logging.getLogger("pydicom")
-    disabled = logger.disabled
-    logger.disabled = True
+    import pydicom  # noqa: F401  (creates the module loggers below "pydicom", so each can be switched off)
+
+    # a disabled parent does not stop its children's records, e.g. the decoders' logged tracebacks
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name == "pydicom" or name.startswith("pydicom.")]
+    disabled = [logger.disabled for logger in loggers]
+    for logger in loggers:
+        logger.disabled = True
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.disabled = disabled
+        for logger, was in zip(loggers, disabled, strict=True):
+            logger.disabled = was
 
 
 def _read_dicom(path: Path, multiframe: Multiframe) -> np.ndarray:
     with _quiet_pydicom():
-        return _decode_dicom(path, multiframe)
+        try:
+            return _decode_dicom(path, multiframe)
+        except ImageReadError:
+            raise
+        except Exception as exc:  # e.g. NumberOfFrames '1A'; the text is left out as it may quote header values
+            raise ImageReadError(f"{path}: DICOM image attributes are invalid ({type(exc).__name__} while using "
+                                 f"them); the file is damaged: re-export it or set its exclude_reason") from None
 
 
 def _decode_dicom(path: Path, multiframe: Multiframe) -> np.ndarray:
@@ -195,9 +212,23 @@ def _codec_message(path: Path, ds, exc: Exception) -> str:
     # only a registered syntax is named: a damaged file meta can make this value run into the UIDs after it
     ts, name = (ts, UID_dictionary[ts][0]) if ts in UID_dictionary else ("unrecognised", "unknown")
     package = _DECODER_PACKAGE.get(ts, "python-gdcm")
+    install = f"`pip install \"medgcsam[dicom]\"` ({package}); do not use the GPL pylibjpeg-libjpeg plugin"
+    if _decoder_installed(ts):  # then a damaged codestream, not a missing package, is the likely cause
+        reasons = " ".join(line.strip() for line in str(exc).splitlines())  # one line per decoder that failed
+        return (f"{path}: DICOM pixel data ('{name}', {ts}) does not decode with the installed decoders: the "
+                f"compressed data is damaged or truncated (re-export it or set its exclude_reason), or it needs "
+                f"a decoder with more features: {install}. pydicom said: {reasons}")
     return (f"{path}: cannot decode DICOM transfer syntax '{name}' ({ts}): no installed decoder handles it. "
-            f"Install the permissively licensed decoders with `pip install \"medgcsam[dicom]\"` ({package}); "
-            f"do not use the GPL pylibjpeg-libjpeg plugin. pydicom said: {str(exc).splitlines()[0]}")
+            f"Install the permissively licensed decoders with {install}. pydicom said: {str(exc).splitlines()[0]}")
+
+
+def _decoder_installed(ts: str) -> bool:
+    from pydicom.pixels import get_decoder
+
+    try:
+        return get_decoder(ts).is_available
+    except (NotImplementedError, ValueError):  # no pydicom decoder exists for this syntax at all
+        return False
 
 
 def _dicom_display(arr: np.ndarray, ds) -> np.ndarray:

@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -62,12 +63,16 @@ def read_manifest(path: str | Path, *, encoding: str | None = None) -> pd.DataFr
     if not path.is_file():
         raise ManifestError(f"manifest {path} does not exist; build one with `medgcsam manifest build`")
     text = _decode(path.read_bytes(), path, encoding)
+    header = [c.strip() for c in next(csv.reader(io.StringIO(text)), [])]
+    _check_row_lengths(text, len(header), path)
     try:
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False)
+        with warnings.catch_warnings():  # the dropped trailing fields are empty: checked above
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            # index_col=False: else rows one field longer than the header make the path column the index
+            df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False, index_col=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise ManifestError(f"{path}: not a readable CSV ({exc}); it must be comma separated with a header "
                             f"row") from None
-    header = [c.strip() for c in next(csv.reader(io.StringIO(text)), [])]
     dup_cols = sorted({c for c in header if header.count(c) > 1})
     if dup_cols:
         raise ManifestError(f"{path}: column(s) {dup_cols} appear more than once in the header; keep one")
@@ -79,6 +84,18 @@ def read_manifest(path: str | Path, *, encoding: str | None = None) -> pd.DataFr
     return normalize_manifest(df, origin=str(path))
 
 
+def _check_row_lengths(text: str, n_columns: int, path: Path) -> None:
+    """Rows with values beyond the header's columns (an unquoted comma in a path); empty trailing fields,
+    as some exporters write, are harmless and dropped."""
+    reader = csv.reader(io.StringIO(text))
+    long = [reader.line_num for row in reader if any(c.strip() for c in row[n_columns:])]
+    if long:
+        more = f" and {len(long) - 10} more" if len(long) > 10 else ""
+        raise ManifestError(f"{path}: line(s) {', '.join(map(str, long[:10]))}{more} have more fields than the "
+                            f"{n_columns} header columns; quote values that contain commas, or name the extra "
+                            f"column in the header")
+
+
 def normalize_manifest(df: pd.DataFrame, *, origin: str = "manifest") -> pd.DataFrame:
     """Fill defaults, coerce types and check cell values of an in-memory manifest."""
     df = df.copy()
@@ -88,6 +105,8 @@ def normalize_manifest(df: pd.DataFrame, *, origin: str = "manifest") -> pd.Data
     for col in df.columns:
         if col != "fold":
             df[col] = df[col].fillna("").astype(str).str.strip()
+    # digests are compared as text: uppercase hex (PowerShell's Get-FileHash) read as changed files and hid duplicates
+    df["sha256"] = df["sha256"].str.lower()
     for col in REQUIRED_COLUMNS:
         empty = df.index[df[col] == ""]
         if len(empty):

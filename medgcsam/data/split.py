@@ -8,6 +8,7 @@ stratified group k-fold inside train.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +36,18 @@ def split_groups(df: pd.DataFrame) -> list[str]:
 
 
 def _stratified_group_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Fold index per row from sklearn's StratifiedGroupKFold (shuffled, seeded)."""
+    """Fold index per row from sklearn's StratifiedGroupKFold (shuffled, seeded).
+
+    sklearn's warning about a small class is muted: it names no class and counts images, not the groups
+    dealt out; ``_warn_missing_classes`` names what actually ended up missing."""
     if len(np.unique(groups)) < k:
         raise ValueError(f"only {len(np.unique(groups))} patient/duplicate groups for {k} folds; lower k")
     folds = np.full(len(labels), -1, dtype=int)
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    for f, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
-        folds[held] = f
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        for f, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+            folds[held] = f
     return folds
 
 
@@ -67,6 +73,7 @@ def split_manifest(df: pd.DataFrame, root: Path, *, test_size: float = 0.2, k: i
     df["dup_cluster"] = duplicate_clusters(df.assign(sha256=df["sha256"].where(active, "")), phashes, max_distance)
     df["group"] = split_groups(df)
     is_frozen = active & df["split"].isin(frozen).to_numpy()
+    _check_frozen_groups(df[is_frozen])
     free = active & ~is_frozen
     # a group touching a frozen split follows it, or it would straddle the boundary
     frozen_split = dict(zip(df.loc[is_frozen, "group"], df.loc[is_frozen, "split"], strict=True))
@@ -76,7 +83,8 @@ def split_manifest(df: pd.DataFrame, root: Path, *, test_size: float = 0.2, k: i
     df.loc[~active, ["split"]] = ""
     df["fold"] = -1
     labels, groups = df["label"].to_numpy(), df["group"].to_numpy()
-    if not (df.loc[is_frozen, "split"] == "test").any():
+    carve_test = not (df.loc[is_frozen, "split"] == "test").any()
+    if carve_test:
         n_outer = max(2, round(1.0 / test_size))
         outer = np.full(len(df), -1)
         outer[free] = _stratified_group_folds(labels[free], groups[free], n_outer, seed)
@@ -86,7 +94,41 @@ def split_manifest(df: pd.DataFrame, root: Path, *, test_size: float = 0.2, k: i
         df.loc[free, "split"] = "train"
     train = active & (df["split"] == "train").to_numpy()
     df.loc[train, "fold"] = _stratified_group_folds(labels[train], groups[train], k, seed + 1)
+    _warn_missing_classes(df[active], carve_test)
     return df
+
+
+def _warn_missing_classes(df: pd.DataFrame, carve_test: bool) -> None:
+    """Name each class the train split, a carved test split or a train fold ended up without. Warnings, not
+    errors: a tiny class may be unavoidable, and a task may drop the class at training time anyway."""
+    classes = set(df["label"])
+    train = df[df["split"] == "train"]
+    lacking = [("the train split", train, "a model trained on it never sees them: add images of them to train "
+                                          "(from a frozen split, if need be) or drop them with a task")]
+    if carve_test:
+        lacking.append(("the test split", df[df["split"] == "test"], "raise test_size or add images of them"))
+    for where, part, fix in lacking:
+        if missing := sorted(classes - set(part["label"])):
+            warnings.warn(f"class(es) {missing} have no image in {where}: {fix}", stacklevel=3)
+    folds = sorted(set(train["fold"]) - {-1})
+    for label in sorted(set(train["label"])):
+        if empty := [f for f in folds if not ((train["fold"] == f) & (train["label"] == label)).any()]:
+            warnings.warn(f"class {label!r} has no image in train fold(s) {empty} (too few patient/duplicate groups "
+                          f"for {len(folds)} folds): lower k or add images of it", stacklevel=3)
+
+
+def _check_frozen_groups(frozen: pd.DataFrame) -> None:
+    """A patient or duplicate cluster in two frozen splits (say official val and test) is leakage that no
+    re-split may fix by moving frozen rows: the fix is the user's."""
+    spans = frozen.groupby("group")["split"].nunique()
+    bad = frozen[frozen["group"].isin(spans.index[spans > 1])]
+    if bad.empty:
+        return
+    rows = bad[bad["group"] == bad["group"].iloc[0]]
+    listed = "; ".join(f"line {i + 2} {r.path!r} split={r.split} patient_id={r.patient_id!r} "
+                       f"dup_cluster={r.dup_cluster!r}" for i, r in zip(rows.index, rows.itertuples(), strict=True))
+    raise ValueError(f"{bad['group'].nunique()} patient/duplicate group(s) span frozen splits, e.g. {listed}; put "
+                     f"each patient (and copies of an image) in one split, or set exclude_reason on the extra rows")
 
 
 def split_summary(df: pd.DataFrame) -> str:

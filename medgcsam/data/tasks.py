@@ -7,6 +7,7 @@ A map value of ``None`` drops the row with an ``exclude_reason`` rather than del
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -62,6 +63,13 @@ register_task(Task("covid_3class", ["COVID-19", "normal", "pneumonia"],
                     "positive": None, "negative": None}))
 register_task(Task("pneumonia_binary", ["normal", "pneumonia"],
                    {"normal": "normal", "pneumonia": "pneumonia"}))
+
+
+def case_variants(labels: Iterable[str]) -> list[str]:
+    """Labels that differ only in case ('Benign', 'benign'): without a task map they become separate classes."""
+    distinct = set(labels)
+    lower = [label.lower() for label in distinct]
+    return sorted(label for label in distinct if lower.count(label.lower()) > 1)
 
 
 def apply_task(df: pd.DataFrame, task: Task | str) -> pd.DataFrame:

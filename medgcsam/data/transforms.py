@@ -357,4 +357,4 @@ def build_transforms(spec: InputSpecLike, *, modality: str = "generic", train: b
 def transform_config(spec: InputSpecLike, modality: str, multiframe: str) -> dict[str, Any]:
     """What determines the deterministic output; hashed to key the disk cache."""
     return {"image_size": int(spec.image_size), "channels": int(spec.channels), "modality": modality,
-            "multiframe": multiframe, "resize": "longest-area/bilinear+zero-pad", "reader": "medgcsam.io.v1"}
+            "multiframe": multiframe, "resize": "longest-area/bilinear+zero-pad", "reader": "medgcsam.io.v2"}

@@ -15,7 +15,7 @@ import pandas as pd
 from medgcsam.data.duplicates import DEFAULT_PHASH_DISTANCE, compute_phashes, near_duplicate_pairs
 from medgcsam.data.io import ImageReadError, read_image
 from medgcsam.data.manifest import ManifestError, file_sha256, read_manifest, resolve_root
-from medgcsam.data.tasks import get_task, list_tasks
+from medgcsam.data.tasks import case_variants, get_task, list_tasks
 
 
 @dataclass
@@ -108,16 +108,20 @@ def _check_rows(df: pd.DataFrame, report: ValidationReport) -> None:
 def _check_labels(df: pd.DataFrame, active, report: ValidationReport, task: str | None,
                   classes: list[str] | None) -> None:
     labels = df.loc[active, "label"]
+    keys = labels.str.lower()  # task maps ignore case
     if task is not None:
         t = get_task(task)
         known = {k.lower() for k in t.mapping} | {c.lower() for c in t.classes}
         what, severity = f"task {task!r}", "error"
-    elif classes is not None:
-        known, what, severity = {c.lower() for c in classes}, f"classes {classes}", "error"
+    elif classes is not None:  # training matches data.classes exactly
+        known, keys, what, severity = set(classes), labels, f"classes {classes}", "error"
     else:
         known = {k.lower() for name in list_tasks() for k in [*get_task(name).mapping, *get_task(name).classes]}
         what, severity = "any registered task", "warning"
-    unknown = labels[~labels.str.lower().isin(known)]
+    if task is None and classes is None and (variants := case_variants(labels)):
+        report.add("error", "label-case", f"labels {variants} differ only in case: without a task they train as "
+                   f"separate classes; write each class one way, or pass the task that maps them")
+    unknown = labels[~keys.isin(known)]
     for label, rows in unknown.groupby(unknown).groups.items():
         report.add(severity, "unknown-label", f"label {label!r} is not known to {what}: "
                    f"{len(rows)} row(s), first {_row(df, rows[0])}; fix the label or map it in a task", list(rows))
