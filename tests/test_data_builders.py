@@ -55,6 +55,19 @@ def test_folder_keeps_suffixless_dicom_and_reports_what_it_leaves_out(tmp_path):
     assert any("1 file(s) left out" in n and "b/y.gif" in n for n in result.notes)
 
 
+def test_folder_finds_images_as_batch_inference_does(tmp_path):
+    """A class folder linked in from elsewhere (a common way to assemble a dataset) was skipped by rglob,
+    while batch inference over the same tree read it; hidden folders stay out of both."""
+    write_image(tmp_path / "store" / "img1.png", synthetic_pixels(1))
+    write_image(tmp_path / "ds" / "a" / "x.png", synthetic_pixels(2))
+    write_image(tmp_path / "ds" / "a" / ".cache" / "z.png", synthetic_pixels(3))
+    (tmp_path / "ds" / "b").mkdir()
+    (tmp_path / "ds" / "b" / "linked").symlink_to(tmp_path / "store", target_is_directory=True)
+    result = build_manifest("folder", tmp_path / "ds")
+    assert result.frame["path"].tolist() == ["a/x.png", "b/linked/img1.png"]
+    assert result.frame["label"].tolist() == ["a", "b"]
+
+
 def test_label_files_in_other_encodings_name_file_and_line(tmp_path):
     """A cp1252 label.csv or COVIDx label file raised a bare UnicodeDecodeError naming neither."""
     write_image(tmp_path / "img" / "café.png", synthetic_pixels(1))

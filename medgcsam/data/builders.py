@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from medgcsam.data.io import IMAGE_SUFFIXES, is_dicom
+from medgcsam.data.io import IMAGE_SUFFIXES, find_images
 from medgcsam.data.manifest import MANIFEST_COLUMNS, file_sha256, normalize_manifest
 
 MISSING_FILE = "file not found"
@@ -105,20 +105,18 @@ def _read_table(path: Path) -> pd.DataFrame:
 
 def _walk_class_folders(root: Path, skip: Callable[[Path], bool] = lambda p: False
                         ) -> tuple[list[dict], int, list[str]]:
-    """Images under ``root/<class>/**``, DICOM also by its magic (PACS exports often have no suffix);
-    returns records, how many files ``skip`` dropped, and the other files, so none vanishes unreported."""
+    """Images under ``root/<class>/**`` as batch inference finds them (DICOM also by its magic, linked
+    folders followed); returns records, how many files ``skip`` dropped, and the other files, so none
+    vanishes unreported."""
     records, skipped, other = [], 0, []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for file in sorted(class_dir.rglob("*")):
-            if not file.is_file() or file.name.startswith("."):
-                continue
-            if file.suffix.lower() not in IMAGE_SUFFIXES and not is_dicom(file):
-                other.append(file.relative_to(root).as_posix())
-                continue
-            if skip(file):
+        images, rest = find_images(class_dir)
+        other += [f"{class_dir.name}/{rel}" for rel in rest]
+        for rel in images:
+            if skip(class_dir / rel):
                 skipped += 1
-                continue
-            records.append({"path": file.relative_to(root).as_posix(), "label": class_dir.name})
+            else:
+                records.append({"path": f"{class_dir.name}/{rel}", "label": class_dir.name})
     return records, skipped, other
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,6 +68,40 @@ def is_dicom(path: Path) -> bool:
     with open(path, "rb") as fh:
         head = fh.read(132)
     return head[128:132] == b"DICM"
+
+
+def find_images(root: str | Path) -> tuple[list[str], list[str]]:
+    """Relative POSIX paths under ``root``, recursively, sorted: (image files, other files).
+
+    A file counts by image suffix or, whatever its name, by the DICOM ``DICM`` marker: PACS exports
+    are often named ``IM000123`` or by UID with a numeric "suffix". Hidden files and folders are skipped;
+    linked folders are followed once each. Everything else found (other formats, broken links, files
+    too short to be DICOM) is returned as "other", so a job can say what it did not look at.
+    """
+    root = Path(root)
+    found, other, seen = [], [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link loop, or a folder linked twice
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            path = Path(dirpath, name)
+            rel = path.relative_to(root).as_posix()
+            image = path.is_file() and (path.suffix.lower() in IMAGE_SUFFIXES or _is_dicom(path))
+            (found if image else other).append(rel)
+    return sorted(found), sorted(other)
+
+
+def _is_dicom(path: Path) -> bool:
+    try:
+        return is_dicom(path)
+    except OSError:  # unreadable here; an image suffix would have listed it, so it is not ours to report
+        return False
 
 
 def read_image(path: str | Path, *, multiframe: Multiframe = "middle") -> np.ndarray:

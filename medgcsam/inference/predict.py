@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from medgcsam.data.io import IMAGE_SUFFIXES, ImageReadError, is_dicom, read_image
+from medgcsam.data.io import IMAGE_SUFFIXES, ImageReadError, find_images, read_image
 from medgcsam.data.transforms import deterministic_transforms
 from medgcsam.models.spec import ModelSpec
 
@@ -100,40 +100,6 @@ def output_columns(spec: ModelSpec) -> list[str]:
     if spec.threshold is not None:
         cols += [f"threshold_{spec.threshold.positive_class}", f"decision_{spec.threshold.positive_class}"]
     return cols
-
-
-def find_images(root: str | Path) -> tuple[list[str], list[str]]:
-    """Relative POSIX paths under ``root``, recursively, sorted: (image files, other files).
-
-    A file counts by image suffix or, whatever its name, by the DICOM ``DICM`` marker: PACS exports
-    are often named ``IM000123`` or by UID with a numeric "suffix". Hidden files and folders are skipped;
-    linked folders are followed once each. Everything else found (other formats, broken links, files
-    too short to be DICOM) is returned as "other", so a job can say what it did not look at.
-    """
-    root = Path(root)
-    found, other, seen = [], [], set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a link loop, or a folder linked twice
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            path = Path(dirpath, name)
-            rel = path.relative_to(root).as_posix()
-            image = path.is_file() and (path.suffix.lower() in IMAGE_SUFFIXES or _is_dicom(path))
-            (found if image else other).append(rel)
-    return sorted(found), sorted(other)
-
-
-def _is_dicom(path: Path) -> bool:
-    try:
-        return is_dicom(path)
-    except OSError:  # unreadable here; an image suffix would have listed it, so it is not ours to report
-        return False
 
 
 class ImageFolder(Dataset):
