@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -39,6 +40,16 @@ class DataConfig(_Strict):
     aug_backend: Literal["monai", "albumentations", "batched"] = "batched"
     val_fold: int | None = Field(0, ge=0, description="Fold of the train split used for validation")
     dicom_multiframe: Literal["first", "middle", "error"] = "middle"  # also the page of a multi-page TIFF
+
+    @field_validator("task")
+    @classmethod
+    def _task_known(cls, v: str | None) -> str | None:
+        # a misspelt task would otherwise surface as a KeyError traceback once the manifest is being read
+        from medgcsam.data.tasks import list_tasks  # medgcsam.data imports this module
+
+        if v is not None and v not in list_tasks():
+            raise ValueError(f"unknown task {v!r}; use one of {list_tasks()}")
+        return v
 
 
 class ModelConfig(_Strict):
@@ -111,10 +122,22 @@ class TrackingConfig(_Strict):
     log_model: bool = True
     connect_timeout_s: float = Field(10.0, gt=0.0)
 
+    # MLflow checks a name and an alias only when the model is registered, after the whole training run
+    @field_validator("register_as")
+    @classmethod
+    def _name_allowed(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or "/" in v or ":" in v or v == "." or v.startswith("..")):
+            raise ValueError(f"model name {v!r} is refused by MLflow (empty, '/', ':' or a leading '..'); "
+                             f"pick e.g. 'bus-classifier'")
+        return v
+
     @field_validator("alias")
     @classmethod
     def _alias_allowed(cls, v: str | None) -> str | None:
-        if v is not None and (v.lower() == "latest" or (v[:1] == "v" and v[1:].isdigit())):
+        if v is not None and not re.fullmatch(r"[\w-]+", v):
+            raise ValueError(f"alias {v!r}: MLflow aliases hold only letters, digits, '_' and '-'; pick e.g. "
+                             f"'champion'")
+        if v is not None and (v.lower() == "latest" or re.fullmatch(r"[vV]\d+", v)):
             raise ValueError(f"alias {v!r} is reserved by MLflow (latest, v<digits>); pick e.g. 'champion'")
         return v
 
@@ -207,13 +230,32 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {k!r} is not a section")
-        node[keys[-1]] = load_yaml(text)
+        try:
+            node[keys[-1]] = load_yaml(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc}); quote text that holds "
+                              f"': ', brackets or braces") from None
     return raw
 
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.2 numbers: PyYAML (YAML 1.1) reads ``1e-1`` or ``5e-2`` as strings, and in a free-form section
-    (optimizer hyperparameters) a string would reach the optimizer instead of the number that was meant."""
+    (optimizer hyperparameters) a string would reach the optimizer instead of the number that was meant.
+    A key given twice in one mapping is an error: PyYAML keeps the last value and drops the first unseen."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` keys may be overridden on purpose
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # refused by the base class with its own message
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}; keep one of them",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from pydantic import ValidationError
 from torch.nn.modules.module import register_module_forward_hook
 
 from medgcsam.config import ConfigError, PipelineConfig
@@ -250,6 +251,15 @@ def test_evaluation_keys_checked_before_training_and_no_finite_monitor_selects_n
     assert client.search_registered_models() == []
 
 
+def test_diverged_training_selects_nothing_instead_of_crashing_in_auroc(images, tmp_path):
+    """NaN logits made the per-epoch AUROC raise sklearn's 'Input contains NaN', so an experiment cell that
+    diverged failed the same way on every retry; now its epochs log NaN and no model is kept."""
+    raw = tiny_config(images, tmp_path, "diverged", "adam", epochs=1, monitor="val_auroc")
+    raw["optimizer"]["lr"] = 1e30
+    with pytest.raises(FinishError, match="no epoch gave a finite validation val_auroc"):
+        train(PipelineConfig.model_validate(raw))
+
+
 def test_a_registered_name_keeps_its_label_space(images, tmp_path):
     """Registering a 3-class run under a name whose champion is 2-class is refused before any epoch."""
     raw = tiny_config(images, tmp_path, "two", "adam", epochs=1)
@@ -340,3 +350,71 @@ def test_settings_the_data_or_machine_cannot_honour_fail_before_training(images,
         raw = tiny_config(images, tmp_path, "gpu", "adam", device="cuda")
         with pytest.raises(ConfigError, match="no CUDA device is visible"):
             train(PipelineConfig.model_validate(raw))
+
+
+def test_yaml_and_override_mistakes_are_config_errors(images, tmp_path):
+    """A key given twice (PyYAML silently keeps the last), a value that is not YAML, a misspelt task and a device
+    torch cannot parse: each a ConfigError naming the place, before any work, instead of a loss or a traceback."""
+    from medgcsam.config import load_config
+
+    path = tmp_path / "p.yaml"
+    text = yaml.safe_dump(tiny_config(images, tmp_path, "dup", "adam"))
+    path.write_text(text + "optimizer:\n  name: gcsam\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'optimizer'"):
+        load_config(path)
+    path.write_text(text + "anchors:\n  base: &b {lr: 0.1}\n  merged:\n    <<: *b\n    lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"anchors: Extra inputs"):  # merge keys may still be overridden
+        load_config(path)
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"override 'train.epochs=\[1': the value is not valid YAML"):
+        load_config(path, ["train.epochs=[1"])
+    with pytest.raises(ConfigError, match=r"data.task: .*unknown task 'bus_binaryy'"):
+        load_config(path, ["data.task=bus_binaryy"])
+    with pytest.raises(ConfigError, match=r"train.device 'gpu' is not a device"):
+        train(load_config(path, ["train.device=gpu"]))
+    assert not (tmp_path / "dup").exists()
+
+
+def test_sigterm_ends_the_run_killed(images, tmp_path):
+    """`docker stop` sends SIGTERM (to `medgcsam` as PID 1); the MLflow run must end KILLED, not stay RUNNING."""
+    raw = tiny_config(images, tmp_path, "stopped", "adam", epochs=500)
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    last = tmp_path / "stopped" / "checkpoints" / "last.pt"
+    proc = _train_cli(config)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not last.is_file():
+        time.sleep(0.05)
+    assert proc.poll() is None, f"training ended before it could be stopped:\n{proc.stdout.read()}"
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0, output
+    run_id = load_checkpoint(last)["mlflow_run_id"]
+    run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
+    assert run.info.status == "KILLED" and run.info.end_time is not None
+
+
+def test_a_registered_name_with_an_apostrophe(images, tmp_path):
+    """`St Mary's bus` broke the registry filter (MlflowException traceback); its label space is still kept."""
+    raw = tiny_config(images, tmp_path, "apostrophe", "adam", epochs=1)
+    raw["tracking"] = {"log_model": True, "register_as": "St Mary's bus", "alias": "champion"}
+    assert train(PipelineConfig.model_validate(raw)).registered_version == "1"
+    three = tmp_path / "three" / "manifest.csv"
+    make_manifest(three.parent, three, classes=("benign", "malignant", "normal"), n_per_class=10, k=2)
+    raw3 = tiny_config(three, tmp_path, "three", "adam", epochs=1)
+    raw3["tracking"] = raw["tracking"]
+    with pytest.raises(ConfigError, match=r"\"St Mary's bus\": version 1 holds classes"):
+        train(PipelineConfig.model_validate(raw3))
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("register_as", "site/bus", r"model name 'site/bus' is refused by MLflow"),
+    ("alias", "my champion", r"alias 'my champion': MLflow aliases hold only letters"),
+    ("alias", "V3", r"alias 'V3' is reserved by MLflow"),
+])
+def test_registry_names_mlflow_refuses_fail_before_training(images, tmp_path, field, value, message):
+    """MLflow checks these only when it registers the model, after the whole run (and --resume cannot change them)."""
+    raw = tiny_config(images, tmp_path, "names", "adam")
+    raw["tracking"] = {"log_model": True, "register_as": "bus", field: value}
+    with pytest.raises(ValidationError, match=message):
+        PipelineConfig.model_validate(raw)

@@ -113,3 +113,64 @@ def test_log_refuses_an_alias_without_a_name_and_a_spec_that_does_not_fit(traine
     two = make_spec().model_copy(update={"num_classes": 2, "class_names": ["benign", "malignant"]})
     with pytest.raises(ValueError, match=r"outputs shape \(2, 3\).*2 classes"):
         log_classifier(trained, two)
+
+
+class _Payload:
+    """Unpickling this would create ``path``: a stand-in for a malicious pickle."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_damaged_or_malicious_model_files_are_model_errors_and_never_run(tmp_path, trained):
+    # A model folder (or registry artifact) whose state dict or spec is damaged must raise ModelLoadError (predict:
+    # exit 2, "model error"), not an unpickling/validation traceback that reads as a crashed prediction job.
+    spec = make_spec()
+    folder = tmp_path / "model" / "extra_files"
+    folder.mkdir(parents=True)
+    (folder / "spec.json").write_text(spec.model_dump_json(), encoding="utf-8")
+    marker = tmp_path / "pwned"
+    torch.save(_Payload(marker), folder / "state_dict.pt")
+    with pytest.raises(ModelLoadError, match="state_dict.pt is not a weights-only state dict"):
+        load_classifier(tmp_path / "model")
+    assert not marker.exists()
+
+    torch.save(trained.state_dict(), folder / "state_dict.pt")
+    (folder / "spec.json").write_text('{"backbone": ', encoding="utf-8")
+    with pytest.raises(ModelLoadError, match="model spec is not valid"):
+        load_classifier(tmp_path / "model")
+
+    torch.save({"model": trained.state_dict(), "spec": {"backbone": "test_resnet"}}, tmp_path / "nospec.pt")
+    with pytest.raises(ModelLoadError, match="(?s)model spec is not valid.*num_classes"):
+        load_classifier(tmp_path / "nospec.pt")
+    torch.save({"model": [1, 2], "spec": spec.model_dump(mode="json")}, tmp_path / "list.pt")
+    with pytest.raises(ModelLoadError, match="weights are a list, not a state dict"):
+        load_classifier(tmp_path / "list.pt")
+    unknown = spec.model_copy(update={"backbone": "resnet81"}).model_dump(mode="json")
+    torch.save({"model": trained.state_dict(), "spec": unknown}, tmp_path / "unknown.pt")
+    with pytest.raises(ModelLoadError, match="unknown backbone 'resnet81'"):
+        load_classifier(tmp_path / "unknown.pt")
+
+
+def test_a_dead_tracking_server_fails_at_once(monkeypatch):
+    """MLflow's client retries an unreachable server for minutes (about four); predict must say so at once."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    mlflow.set_tracking_uri(uri)
+    start = time.monotonic()
+    try:
+        with pytest.raises(ModelLoadError, match=rf"MLflow server {uri} is unreachable.*MLFLOW_TRACKING_URI"):
+            load_classifier("models:/bus-cls@champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert time.monotonic() - start < 15

@@ -164,3 +164,94 @@ def test_metrics_spill_to_json_when_the_server_never_returns(tmp_path):
     logger.log({"val/loss": 0.7}, step=4)
     assert not logger.close(retry_for_s=0)
     assert '"val/loss"' in (tmp_path / "unsent.json").read_text()
+
+
+def _open_store(uri: str, barrier, results) -> None:
+    """One process of the concurrent-start test: wait for the others, then open the store as `train` does."""
+    from medgcsam.tracking import ensure_experiment
+
+    cfg = PipelineConfig.model_validate({"data": {"manifest": "m.csv"}, "tracking": {"experiment": "shared"}})
+    barrier.wait()
+    try:
+        results.put(ensure_experiment(cfg, uri))
+    except Exception as exc:
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_runs_starting_together_on_a_new_sqlite_store_all_get_it(tmp_path):
+    """MLflow creates the schema on first use; three runs doing that at once must not leave it half-migrated."""
+    import multiprocessing
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ensure_reachable(uri)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_open_store, args=(uri, barrier, results)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    answers = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert len(set(answers)) == 1 and answers[0].isdigit(), answers
+    assert mlflow.MlflowClient(uri).get_experiment_by_name("shared").experiment_id == answers[0]
+
+
+def test_a_read_only_store_folder_fails_at_once(tmp_path):
+    """A sqlite store on a read-only mount: MLflow retries opening it for about two minutes; the probe says so now.
+    Root ignores permission bits, so the folder is a read-only bind mount in a private mount namespace."""
+    folder, source = tmp_path / "ro", tmp_path / "src"
+    folder.mkdir()
+    source.mkdir()
+    probe = f"from medgcsam.tracking import ensure_reachable; ensure_reachable('sqlite:///{folder}/mlflow.db')"
+    script = (f"mount --bind {source} {folder} && mount -o remount,bind,ro {folder} || exit 99; "
+              f"exec {sys.executable} -c \"{probe}\"")
+    try:
+        done = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        pytest.skip("no unshare here")
+    if done.returncode == 99:
+        pytest.skip("cannot make a read-only mount here (needs root in a mount namespace)")
+    assert done.returncode == 1 and "TrackingError" in done.stderr, done.stderr
+    assert f"cannot write in folder {folder}" in done.stderr and "Read-only file system" in done.stderr
+
+
+def test_an_unwritable_output_dir_fails_before_work_and_a_failed_setup_ends_the_run_failed(images, tmp_path):
+    """output_dir inside a file (with the store elsewhere) is refused before data or model work; and when the run's
+    own setup fails (artifacts of an existing experiment that can no longer be written), the run is ended FAILED
+    rather than left RUNNING for MLflow's exit hook to mark FINISHED."""
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "afile").write_text("not a folder")
+    cfg = PipelineConfig.model_validate(tiny_config(images, tmp_path / "afile" / "out", "nowhere", "adam"))
+    with pytest.raises(TrackingError, match=r"output_dir: cannot write in folder .*afile/out"):
+        train(cfg, tracking_uri=uri)
+
+    ensure_reachable(uri)
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("stale", artifact_location=(tmp_path / "afile" / "artifacts").as_uri())
+    raw = tiny_config(images, tmp_path / "out", "stale", "adam")
+    raw["tracking"]["experiment"] = "stale"
+    try:
+        with pytest.raises(OSError):
+            train(PipelineConfig.model_validate(raw), tracking_uri=uri)
+        assert mlflow.active_run() is None
+    finally:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+    [run] = client.search_runs([exp])
+    assert run.info.status == "FAILED"
+
+
+def test_in_memory_sqlite_store_is_refused():
+    """`sqlite://` is SQLAlchemy's in-memory database: a run would "finish" and leave nothing behind."""
+    for uri in ("sqlite://", "sqlite:///:memory:"):
+        with pytest.raises(TrackingError, match="in-memory store"):
+            ensure_reachable(uri)
+
+
+def test_resume_against_a_store_without_the_run_names_the_run_and_the_fix(images, tmp_path):
+    cfg = PipelineConfig.model_validate(tiny_config(images, tmp_path, "moved", "adam", epochs=1))
+    first = train(cfg)
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    with pytest.raises(TrackingError, match=rf"continues MLflow run {first.run_id}, which {other} cannot reopen"):
+        train(cfg, resume=True, tracking_uri=other)
+    assert mlflow.active_run() is None

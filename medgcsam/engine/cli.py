@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 
 import typer
 
 from medgcsam.config import ConfigError, load_config
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (`docker stop`, a scheduler, torchrun) takes Ctrl-C's path: the run ends KILLED, not left RUNNING."""
+    raise KeyboardInterrupt
 
 
 def train_command(
@@ -22,13 +28,14 @@ def train_command(
     from medgcsam.engine import FinishError, train
     from medgcsam.tracking import TrackingError
 
+    signal.signal(signal.SIGTERM, _interrupt)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(pipeline, overrides)
         result = train(cfg, resume=resume, tracking_uri=tracking_uri)
-    except (ConfigError, TrackingError, FinishError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, TrackingError, FinishError, OSError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     if rank != 0:

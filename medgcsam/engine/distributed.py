@@ -36,7 +36,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` is the local GPU when there is one, else CPU; ``cuda`` under torchrun means ``cuda:LOCAL_RANK``."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("train.device is 'cuda' but no CUDA device is visible; set train.device=cpu or auto")

@@ -97,8 +97,9 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, class_names: 
 
 
 def _auroc(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
-    """Binary AUROC of the last class, or one-vs-rest macro; NaN when a class is missing from the split."""
-    if len(np.unique(labels)) < num_classes:
+    """Binary AUROC of the last class, or one-vs-rest macro; NaN when a class is missing from the split or
+    training diverged (non-finite probabilities), so the epoch is logged and selects nothing."""
+    if len(np.unique(labels)) < num_classes or not np.isfinite(probs).all():
         return float("nan")
     if num_classes == 2:
         return float(roc_auc_score(labels, probs[:, 1]))

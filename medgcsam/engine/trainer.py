@@ -26,6 +26,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -47,6 +48,7 @@ from medgcsam.tracking import (
     activate,
     ensure_experiment,
     ensure_reachable,
+    ensure_writable,
     fail_fast_http,
     resolve_tracking_uri,
     run_params,
@@ -141,11 +143,12 @@ class _Training:
 
     # ------------------------------------------------------------------ setup
     def _check_tracking(self) -> None:
-        """Rank 0 probes the store before any data or model work; every rank fails with its message."""
+        """Rank 0 probes the store and output_dir before any data or model work; every rank fails with its message."""
         error = None
         if self.ctx.is_main:
             try:
                 ensure_reachable(self.uri, self.cfg.tracking.connect_timeout_s)
+                ensure_writable(Path(self.cfg.output_dir), "output_dir")
                 activate(self.uri)
                 with fail_fast_http(self.cfg.tracking.connect_timeout_s):
                     self.experiment_id = ensure_experiment(self.cfg, self.uri)
@@ -227,7 +230,8 @@ class _Training:
         from medgcsam.inference.package import METADATA_KEY
 
         client = mlflow.MlflowClient(self.uri)
-        versions = client.search_model_versions(f"name = '{name}'")
+        quote = '"' if "'" in name else "'"  # MLflow's filter grammar has no escapes; "St Mary's" needs "..."
+        versions = client.search_model_versions(f"name = {quote}{name}{quote}")
         if not versions:
             return None
         current = max(versions, key=lambda v: int(v.version))
@@ -330,7 +334,12 @@ class _Training:
             return
         cfg = self.cfg
         if resumed and self.run_id:
-            mlflow.start_run(run_id=self.run_id)
+            try:
+                mlflow.start_run(run_id=self.run_id)
+            except MlflowException as exc:  # not in this store, or deleted there
+                raise TrackingError(f"{self.ckpt_dir / ckpt_io.LAST} continues MLflow run {self.run_id}, which "
+                                    f"{self.uri} cannot reopen ({exc.message}); resume with the tracking URI the run "
+                                    f"was started with, or start a new run without --resume") from None
         else:
             tags = {"medgcsam.pipeline": cfg.name, "medgcsam.optimizer": cfg.optimizer.name,
                     "medgcsam.backbone": cfg.model.name}
@@ -615,9 +624,10 @@ class _Training:
         if state is None and (self.ckpt_dir / ckpt_io.LAST).is_file() and self.ctx.is_main:
             log.warning("starting a new run over the checkpoints in %s (pass --resume to continue them)",
                         self.ckpt_dir)
-        self._start_run(resumed=state is not None, parent_run_id=parent_run_id)
         status = "FAILED"
         try:
+            # inside the try: a run whose setup fails is ended FAILED, not left to MLflow's exit hook (FINISHED)
+            self._start_run(resumed=state is not None, parent_run_id=parent_run_id)
             pending_rng = state["rng"] if state is not None and state["step"] > 0 else None
             meter_state = state["meter"] if pending_rng is not None else None
             while self.epoch < cfg.train.epochs and not self.stopped:

@@ -10,18 +10,21 @@ artifact store can execute code on the inference machine.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 import mlflow
 import torch
 from mlflow.models import infer_signature
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from pydantic import ValidationError
 from torch import nn
 
 from medgcsam.models.factory import create_model, load_state_dict_file
 from medgcsam.models.spec import ModelSpec
+from medgcsam.tracking.uri import http_unreachable
 
 STATE_DICT_FILE = "state_dict.pt"
 SPEC_FILE = "spec.json"
@@ -92,6 +95,13 @@ def load_classifier(uri_or_path: str | Path, *, device: str | torch.device = "cp
     """
     ref = str(uri_or_path)
     if ref.startswith(URI_SCHEMES):
+        stores = set() if ref.startswith("file:/") else {mlflow.get_tracking_uri(), mlflow.get_registry_uri()}
+        for store in stores:
+            # MLflow's client retries a dead server for minutes; a batch job should say so at once
+            reason = http_unreachable(store) if urlparse(store).scheme in ("http", "https") else None
+            if reason is not None:
+                raise ModelLoadError(f"cannot fetch {ref}: MLflow server {store} is unreachable ({reason}); start "
+                                     f"it or set MLFLOW_TRACKING_URI to the store that holds the model")
         with tempfile.TemporaryDirectory(prefix="medgcsam-load-") as tmp:
             try:
                 local = get_artifact_repository(ref).download_artifacts(EXTRA_FILES_DIR, dst_path=tmp)
@@ -112,8 +122,11 @@ def load_classifier(uri_or_path: str | Path, *, device: str | torch.device = "cp
 
 def build_classifier(spec: ModelSpec, state_dict: dict[str, torch.Tensor], *, source: str = "") -> nn.Module:
     """The timm model the spec describes, with ``state_dict`` loaded strictly, in eval mode."""
-    model = create_model(spec.backbone, spec.num_classes, in_chans=spec.in_chans,
-                         image_size=spec.preprocessing.image_size)
+    try:
+        model = create_model(spec.backbone, spec.num_classes, in_chans=spec.in_chans,
+                             image_size=spec.preprocessing.image_size)
+    except ValueError as exc:  # e.g. a backbone this timm version does not have
+        raise ModelLoadError(f"{source}: {exc}") from exc
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
@@ -128,8 +141,12 @@ def _read_model_dir(extra_dir: Path, source: str) -> tuple[ModelSpec, dict[str, 
         if not p.is_file():
             raise ModelLoadError(f"{source}: {EXTRA_FILES_DIR}/{p.name} missing; the model was not logged with "
                                  f"medgcsam.inference.package.log_classifier")
-    spec = ModelSpec.model_validate(json.loads(spec_path.read_text(encoding="utf-8")))
-    return spec, load_state_dict_file(state_path)
+    try:
+        state = load_state_dict_file(state_path)
+    except Exception as exc:  # unpickling errors come in many types; all mean "not a safe state dict"
+        raise ModelLoadError(f"{source}: {EXTRA_FILES_DIR}/{STATE_DICT_FILE} is not a weights-only state dict "
+                             f"({exc})") from exc
+    return _checked(source, spec_path.read_text(encoding="utf-8"), state)
 
 
 def _read_checkpoint(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
@@ -142,4 +159,16 @@ def _read_checkpoint(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ModelLoadError(f"{path}: checkpoint needs keys 'model' (state dict) and 'spec' (model card); "
                              f"found {keys}")
-    return ModelSpec.model_validate(ckpt["spec"]), ckpt["model"]
+    return _checked(str(path), ckpt["spec"], ckpt["model"])
+
+
+def _checked(source: str, spec: str | dict, state: Any) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    """The model card (JSON text or dict) and the weights, refused with ModelLoadError when damaged, so that a bad
+    model reads as a model error and not as a prediction job that crashed part-way."""
+    try:
+        parsed = ModelSpec.model_validate_json(spec) if isinstance(spec, str) else ModelSpec.model_validate(spec)
+    except ValidationError as exc:
+        raise ModelLoadError(f"{source}: the model spec is not valid: {exc}") from None
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{source}: the weights are a {type(state).__name__}, not a state dict")
+    return parsed, state

@@ -8,6 +8,7 @@ from medgcsam.tracking.uri import (
     artifact_location,
     ensure_experiment,
     ensure_reachable,
+    ensure_writable,
     resolve_tracking_uri,
 )
 
@@ -18,6 +19,7 @@ __all__ = [
     "artifact_location",
     "ensure_experiment",
     "ensure_reachable",
+    "ensure_writable",
     "fail_fast_http",
     "git_commit",
     "package_versions",

@@ -6,10 +6,14 @@ An unreachable server must stop the run before any data is read or any model is 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import tempfile
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -49,19 +53,40 @@ def ensure_reachable(uri: str, timeout_s: float = 10.0) -> None:
     if scheme in ("http", "https"):
         _probe_http(uri, timeout_s)
     elif scheme == "sqlite":
-        db = Path(uri.removeprefix("sqlite:///"))
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise TrackingError(f"tracking store {uri}: cannot create folder {db.parent} ({exc}); "
-                                f"set output_dir or tracking.uri to a writable place") from None
+        db = _sqlite_path(uri)
+        if uri == "sqlite://" or str(db) == ":memory:":
+            raise TrackingError(f"tracking URI {uri!r} is an in-memory store: every run would be lost when the process "
+                                f"ends; use sqlite:////absolute/path/mlflow.db")
+        # sqlite writes a journal beside the file; MLflow retries a read-only folder for minutes
+        ensure_writable(db.parent, f"tracking store {uri}")
     elif scheme in ("", "file"):
         raise TrackingError(f"tracking URI {uri!r} is a file store, which MLflow 3.13+ refuses; use "
                             f"sqlite:///path/mlflow.db or an http(s):// server (`mlflow migrate-filestore` "
                             f"converts an old ./mlruns)")
 
 
+def ensure_writable(folder: Path, what: str) -> None:
+    """Make ``folder`` and create a scratch file in it (permission bits do not show a read-only mount to root)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise TrackingError(f"{what}: cannot write in folder {folder} ({exc}); set output_dir or tracking.uri to "
+                            f"a writable place") from None
+
+
 def _probe_http(uri: str, timeout_s: float) -> None:
+    reason = http_unreachable(uri, timeout_s)
+    if reason is not None:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({reason}). Start it (e.g. `mlflow server --host "
+            f"0.0.0.0 --port 5000 --backend-store-uri sqlite:///mlflow.db`), fix tracking.uri / --tracking-uri, "
+            f"or leave tracking.uri unset to use the embedded sqlite store under output_dir")
+
+
+def http_unreachable(uri: str, timeout_s: float = 10.0) -> str | None:
+    """Why the server at ``uri`` gives no answer within ``timeout_s``, or None when it answers."""
     # The probe runs in a daemon thread so a hanging DNS lookup cannot outlive the deadline.
     outcome: list[BaseException | None] = []
 
@@ -78,24 +103,43 @@ def _probe_http(uri: str, timeout_s: float) -> None:
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
     thread.join(timeout_s)
-    if not outcome or outcome[0] is not None:
-        reason = f"no answer within {timeout_s:g} s" if not outcome else str(outcome[0])
-        raise TrackingError(
-            f"MLflow tracking server {uri} is unreachable ({reason}). Start it (e.g. `mlflow server --host "
-            f"0.0.0.0 --port 5000 --backend-store-uri sqlite:///mlflow.db`), fix tracking.uri / --tracking-uri, "
-            f"or leave tracking.uri unset to use the embedded sqlite store under output_dir")
+    if not outcome:
+        return f"no answer within {timeout_s:g} s"
+    return None if outcome[0] is None else str(outcome[0])
+
+
+def _sqlite_path(uri: str) -> Path:
+    return Path(uri.removeprefix("sqlite:///"))
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """For a sqlite store, hold ``<db>.lock`` while this process first opens it: MLflow creates and migrates the
+    schema on first use, and two processes doing so at once leave the file half-migrated for good
+    (``table _alembic_tmp_tags already exists``); the lock also makes creating the experiment race-free."""
+    if urlparse(uri).scheme != "sqlite":
+        yield
+        return
+    db = _sqlite_path(uri)
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def ensure_experiment(cfg: PipelineConfig, uri: str) -> str:
     """The experiment id for ``tracking.experiment``, created with an explicit artifact location if new."""
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            raise TrackingError(f"experiment {cfg.tracking.experiment!r} is deleted in {uri}; restore it "
-                                f"(`mlflow experiments restore`) or set tracking.experiment to another name")
-        return exp.experiment_id
-    return client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(cfg, uri))
+    with _store_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        if exp is None:
+            return client.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location(cfg, uri))
+    if exp.lifecycle_stage == "deleted":
+        raise TrackingError(f"experiment {cfg.tracking.experiment!r} is deleted in {uri}; restore it "
+                            f"(`mlflow experiments restore`) or set tracking.experiment to another name")
+    return exp.experiment_id
 
 
 def activate(uri: str) -> None:
