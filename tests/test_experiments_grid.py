@@ -90,10 +90,13 @@ def test_selection_stages(tmp_path):
         ({"grid": {"train.seed": [0, 1]}}, "managed by the experiment"),
         ({"grid": {"optimizer.rho": {"values": [0.1], "methods": ["asam"]}}}, "not in methods"),
         ({"grid": {"optimizer.rho": [0.1, 0.1]}}, "repeats a value"),
+        ({"grid": {"optimizer.rho": {"values": [0.1], "methods": []}}}, "grid.optimizer.rho.methods"),
         ({"seeds": [0, 0]}, "repeat a value"),
         ({"pipeline": {"data": {"manifest": "m.csv"}}}, "exactly one of 'base'"),
         ({"report": {"primary": "nope"}}, "report.primary"),
         ({"selection": {"candidates": {"sam": [{"optimizer.rho": 0.2}]}}}, "either swept"),
+        ({"grid": {}, "selection": {"candidates": {"sam": []}}}, "candidates of 'sam' is empty"),
+        ({"selection": {"folds": 3, "final_val_fold": 3}}, "final_val_fold 3 is not one of the 3 folds"),
         ({"selection": {"metric": "val/balanced_accuracy"}}, "'val_epoch/balanced_accuracy'"),
     ],
 )
@@ -130,3 +133,28 @@ def test_selection_per_backbone(tmp_path):
     assert final[("sam", "test_resnet")]["optimizer.rho"] == 0.1
     assert final[("sam", "test_vit")]["optimizer.rho"] == 0.05
     assert final[("sam", "test_vit")]["model.name"] == "test_vit"
+
+
+def test_a_repeated_candidate_is_refused(tmp_path):
+    """{} is the preset, so it repeats rho 0.05: the same cells twice (trained twice, an artificial tie)."""
+    sel = {"name": "sel", "base": "base.yaml", "methods": ["sam"], "seeds": [0],
+           "selection": {"folds": 2, "seeds": [0], "candidates": {"sam": [{"optimizer.rho": 0.05}, {}]}}}
+    with pytest.raises(ConfigError, match="cv/sam/cand0/fold0/seed0 and cv/sam/cand1/fold0/seed0 have the same"):
+        Experiment(write(tmp_path, sel)).validate()
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (["a.png,benign,train,0", "b.png,malignant,train,1"], r"selection.folds is 3 but .* has folds \[0, 1\]"),
+        ([f"{i}.png,benign,train,{i % 5}" for i in range(5)], r"is 3 but .* has folds \[0, 1, 2, 3, 4\]"),
+        ([f"{i}.png,benign,train,{i % 3}" for i in range(3)] + ["v.png,benign,val,-1"], "has a 'val' split"),
+    ],
+)
+def test_selection_folds_must_be_the_manifests_folds(tmp_path, rows, message):
+    """Fewer folds: the CV trains, then fails at the missing fold; more: a partial CV reported as k-fold; a val
+    split: every fold validates on it. Each is refused before any cell trains."""
+    (tmp_path / "manifest.csv").write_text("\n".join(["path,label,split,fold", *rows]) + "\n")
+    sel = {"name": "sel", "base": "base.yaml", "methods": ["adam"], "seeds": [0], "selection": {"folds": 3}}
+    with pytest.raises(ConfigError, match=message):
+        Experiment(write(tmp_path, sel)).validate()

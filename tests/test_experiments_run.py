@@ -16,9 +16,10 @@ import yaml
 from PIL import Image
 
 from medgcsam.config import ConfigError
-from medgcsam.experiments import CandidateResult, Experiment, cv_cells, select, simplicity_key
+from medgcsam.experiments import CandidateResult, Experiment, ExperimentError, cv_cells, select, simplicity_key
 from medgcsam.experiments.presets import PRESETS
 from medgcsam.experiments.runner import TAG_CELL, TAG_SUPERSEDED
+from medgcsam.tracking.uri import TrackingError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,3 +155,72 @@ def test_bad_hyperparameter_fails_before_any_run(tmp_path, data_dir):
     with pytest.raises(ConfigError, match="rhoo"):
         ex.run()
     assert ex.parent_run_id(create=False) is None
+
+
+def test_workers_started_together_share_one_parent(tmp_path, data_dir):
+    """Two processes that both found no parent run each create one; both must end up under the first, or the
+    cells of the other are invisible to the collecting run (trained again, missing from the report)."""
+    path = write_experiment(tmp_path, data_dir, {"name": "race", "methods": ["adam"], "seeds": [0]})
+    first, second = Experiment(path), Experiment(path)
+    create = second.client.create_run
+
+    def create_after_the_other(*args, **kwargs):  # `second` searched and found nothing; `first` gets in between
+        first.parent_run_id()
+        return create(*args, **kwargs)
+
+    second.client.create_run = create_after_the_other
+    assert second.parent_run_id() == first.parent_run_id()
+    parents = first.client.search_runs([first.experiment_id()], "tags.`medgcsam.role` = 'parent'")
+    assert [r.info.run_id for r in parents] == [first.parent_run_id()]
+
+
+def test_a_changed_base_pipeline_makes_finished_cells_stale(tmp_path, data_dir):
+    """The cell id covers the cell's own settings only; a run trained on another base pipeline (or other
+    experiment overrides) must be trained again, not reported as a result of the new configuration."""
+    path = write_experiment(tmp_path, data_dir, {"name": "stale", "methods": ["adam"], "seeds": [0],
+                                                 "keep_checkpoints": True})
+    ex = Experiment(path)
+    old = ex.run()
+    cell = ex.plan()[0]
+    changed = Experiment(path, ['overrides=["optimizer.lr=0.01"]'])
+    new = changed.run()  # the kept checkpoints of the old configuration are not resumed
+    assert new.ran == [cell.id] and new.skipped == []
+    run = changed.finished_runs()[cell.id]
+    assert run.data.params["optimizer.lr"] == "0.01" and "cells finished: 1 of 1" in new.report.read_text()
+    assert Experiment(path).finished_runs()[cell.id].info.run_id != run.info.run_id  # the old one is still there
+    assert Experiment(path).run().ran == [] and old.ran == [cell.id]
+    # what differs between the machines that run one experiment does not make its cells stale
+    local = Experiment(path, ['overrides=["data.num_workers=1", "train.device=cpu"]'])
+    assert local.base_fingerprint == ex.base_fingerprint
+
+
+def test_unwritable_output_folder_is_a_tracking_error(tmp_path, data_dir):
+    (tmp_path / "file").write_text("")
+    path = write_experiment(tmp_path, data_dir, {"name": "nowhere", "methods": ["adam"], "seeds": [0],
+                                                 "output_dir": str(tmp_path / "file" / "out")})
+    with pytest.raises(TrackingError, match="output_dir or tracking.uri"):
+        Experiment(path).run()
+
+
+def test_a_worker_whose_cell_failed_says_so(tmp_path, data_dir):
+    """`--cell` is how workers run; a failed cell must fail the invocation (exit 1), or the collecting process
+    counts the worker's cell as trained and then reports it as still pending."""
+    path = write_experiment(tmp_path, data_dir, {"name": "broken", "seeds": [0],
+                                                 "methods": {"adam": {"set": {"model.name": "no_such_model"}}}})
+    with pytest.raises(ExperimentError, match="no_such_model"):
+        Experiment(path).run(cells=["0"])
+
+
+def test_a_metric_nan_on_a_fold_is_not_called_a_missing_curve(tmp_path, data_dir):
+    """AUROC is NaN (so never logged) on a validation fold without malignant images; the error must say that,
+    not only advise a per-epoch curve, which val_epoch/auroc already is."""
+    rows = (data_dir / "manifest.csv").read_text().splitlines()
+    moved = [r.rsplit(",", 1)[0] + ",0" if ",malignant,train," in r else r for r in rows]
+    (data_dir / "one_class_fold.csv").write_text("\n".join(moved) + "\n")
+    data = {"manifest": str(data_dir / "one_class_fold.csv"), "image_size": 32, "channels": 1, "batch_size": 4,
+            "num_workers": 0, "val_fold": 0, "augment": False}
+    sel = {"folds": 2, "seeds": [0], "metric": "val_epoch/auroc"}
+    path = write_experiment(tmp_path, data_dir, {"name": "nanfold", "methods": ["adam"], "seeds": [0],
+                                                 "selection": sel}, data=data)
+    with pytest.raises(ExperimentError, match=r"fold1.*NaN at every epoch.*lacks a class"):
+        Experiment(path).run()

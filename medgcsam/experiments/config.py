@@ -26,7 +26,7 @@ class Axis(_Strict):
     """One grid axis; ``methods`` restricts it to some methods (a rho axis means nothing to Adam)."""
 
     values: list[Any] = Field(min_length=1)
-    methods: list[str] | None = None
+    methods: list[str] | None = Field(None, min_length=1)  # [] would silently drop the axis from every method
 
 
 class Method(_Strict):
@@ -54,6 +54,13 @@ class SelectionConfig(_Strict):
     candidates: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
     final_epochs: int | None = Field(None, ge=1)
     final_val_fold: int | None = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _final_fold_is_a_fold(self) -> SelectionConfig:
+        if self.final_val_fold is not None and self.final_val_fold >= self.folds:  # else it fails after the whole CV
+            raise ValueError(f"final_val_fold {self.final_val_fold} is not one of the {self.folds} folds "
+                             f"0..{self.folds - 1}")
+        return self
 
     @field_validator("metric")
     @classmethod
@@ -158,6 +165,9 @@ class ExperimentConfig(_Strict):
             if unknown:
                 raise ValueError(f"selection.candidates names methods {unknown} not in methods {list(self.methods)}")
             for label, cands in self.selection.candidates.items():
+                if not cands:  # no CV cells, then nothing to choose from once "every" CV cell finished
+                    raise ValueError(f"selection.candidates of {label!r} is empty; list at least one (an empty "
+                                     f"mapping {{}} is the preset), or leave {label!r} out to use its preset")
                 clash = {k for c in cands for k in c} & {
                     k for k, a in self.grid.items() if a.methods is None or label in a.methods}
                 if clash:

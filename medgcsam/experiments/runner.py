@@ -1,15 +1,18 @@
 """Resumable orchestration: one parent MLflow run per experiment, one nested child run per cell.
 
 A cell is finished when a child run of the parent has status FINISHED and the tag
-``medgcsam.cell_id``; the tag is written only after training returned, so a crash mid-cell leaves
-no tag and the cell is run again (resuming from its own checkpoints). Because the state lives in
-MLflow, cells can run here one by one, as worker processes (``workers``), or on other machines
-(``medgcsam experiment FILE --cell ID`` pointed at the same tracking server); running the
-experiment again without ``--cell`` collects the finished cells and writes the report.
+``medgcsam.cell_id``, and was trained on the current base pipeline (tag ``medgcsam.base``); the cell-id tag
+is written only after training returned, so a crash mid-cell leaves no tag and the cell is run again
+(resuming from its own checkpoints). Because the state lives in MLflow, cells can run here one by one,
+as worker processes (``workers``), or on other machines (``medgcsam experiment FILE --cell ID`` pointed
+at the same tracking server); running the experiment again without ``--cell`` collects the finished
+cells and writes the report.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import shutil
@@ -25,6 +28,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from medgcsam.config import ConfigError, PipelineConfig
+from medgcsam.data.manifest import ManifestError, included, read_manifest
 from medgcsam.optim import check_hyperparameters
 from medgcsam.tracking.uri import ensure_experiment, ensure_reachable
 
@@ -40,6 +44,7 @@ TAG_EXPERIMENT = "medgcsam.experiment"
 TAG_CELL = "medgcsam.cell_id"
 TAG_CELL_INFO = "medgcsam.cell"  # JSON: stage, method, settings, axes, seed, fold, candidate
 TAG_SUPERSEDED = "medgcsam.superseded_by"  # on a killed attempt of a cell: the run that finished it
+TAG_BASE = "medgcsam.base"  # fingerprint of the base pipeline (+ experiment overrides) the cell trained on
 TIME_PER_EPOCH = "cell/time_per_epoch_s"
 TIME_TO_BEST = "cell/time_to_best_s"
 WALL_TIME = "cell/wall_time_s"
@@ -75,16 +80,23 @@ class Experiment:
         self.tracking_uri = (tracking_uri or self.config.tracking_uri or base.tracking.uri
                              or f"sqlite:///{self.output_dir / 'mlflow.db'}")
         self._tracking_override = tracking_uri
-        self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self._base = base
+        self.base_fingerprint = fingerprint(base)
         self._parent: str | None = None
+
+    @functools.cached_property
+    def client(self) -> MlflowClient:
+        """Opened after experiment_id() checked the store (a clear error for an unwritable folder, a server that is
+        down) and created it under the tracking module's lock: processes opening a fresh sqlite store at once race."""
+        self.experiment_id()
+        return MlflowClient(tracking_uri=self.tracking_uri)
 
     # ---- cells -------------------------------------------------------------------------------
     def pipeline(self, cell: Cell) -> PipelineConfig:
         """The validated pipeline of one cell (base + experiment overrides + cell overrides + tracking),
         including the optimizer's hyperparameters, so a typo fails before any cell trains."""
-        fixed = {
-            "output_dir": str(self.output_dir / "cells" / cell.id),
+        fixed = {  # per base pipeline too: a stale cell's checkpoints, written on another one, cannot be resumed
+            "output_dir": str(self.output_dir / "cells" / self.base_fingerprint / cell.id),
             "tracking.uri": self.tracking_uri,
             "tracking.experiment": self.config.name,
             "tracking.run_name": cell.name,
@@ -104,8 +116,17 @@ class Experiment:
 
     def validate(self) -> None:
         """Build every first-stage cell's pipeline (and one final cell per candidate) so errors come before work."""
+        seen: dict[str, Cell] = {}
+        checked: set[Path] = set()
         for cell in self.first_stage():
-            self.pipeline(cell)
+            twin = seen.setdefault(cell.id, cell)
+            if twin is not cell:  # e.g. a candidate that repeats another (or the preset): trained twice, and tied
+                raise ConfigError(f"{self.path}: cells {twin.name} and {cell.name} have the same settings; "
+                                  f"remove the repeated candidate")
+            manifest = self.pipeline(cell).data.manifest
+            if cell.stage == "cv" and manifest not in checked:
+                checked.add(manifest)
+                self._check_folds(manifest)
         if self.config.selection is not None:  # every candidate's final cell, as if it were chosen everywhere
             most = max(len(candidates(self.config, label, axes)) for label, axes in groups(self.config))
             for ci in range(most):
@@ -113,6 +134,25 @@ class Experiment:
                           for label, axes in groups(self.config)}
                 for cell in final_cells(self.config, chosen)[:: len(self.config.seeds)]:
                     self.pipeline(cell)
+
+    def _check_folds(self, manifest: Path) -> None:
+        """CV cell k validates on fold k of the manifest's train split, so k-fold CV needs exactly folds 0..k-1 there
+        and no explicit val split (the data layer prefers it to every fold: all folds would validate on it).
+        Skipped where the manifest is not at hand (planning or reporting on a machine without the data)."""
+        if not manifest.is_file():
+            return
+        try:
+            df = included(read_manifest(manifest))
+        except ManifestError as exc:
+            raise ConfigError(f"{self.path}: {exc}") from None
+        k = self.config.selection.folds
+        if (df["split"] == "val").any():
+            raise ConfigError(f"{self.path}: {manifest} has a 'val' split, which every CV cell would validate on "
+                              f"instead of its fold; put those rows in the train split's folds for the selection")
+        folds = sorted(set(df.loc[df["split"] == "train", "fold"]) - {-1})
+        if folds != list(range(k)):
+            raise ConfigError(f"{self.path}: selection.folds is {k} but the train split of {manifest} has folds "
+                              f"{folds}; set selection.folds to match, or split the manifest into {k} folds")
 
     # ---- tracking ----------------------------------------------------------------------------
     def experiment_id(self) -> str:
@@ -127,22 +167,31 @@ class Experiment:
         if self._parent is not None:
             return self._parent
         exp_id = self.experiment_id()
-        runs = self.client.search_runs(
-            [exp_id], f"tags.`{TAG_ROLE}` = 'parent' and tags.`{TAG_EXPERIMENT}` = '{self.config.name}'",
-            order_by=["attributes.start_time ASC"], max_results=1)
-        if runs:
-            self._parent = runs[0].info.run_id
-        elif create:
+        self._parent = self._first_parent(exp_id)
+        if self._parent is None and create:
             run = self.client.create_run(exp_id, run_name=self.config.name, tags={
                 TAG_ROLE: "parent", TAG_EXPERIMENT: self.config.name,
                 "mlflow.note.content": self.config.description or f"medgcsam experiment {self.config.name}"})
-            self._parent = run.info.run_id
+            # workers started together each found no parent and made one; all keep the first, the others go
+            self._parent = self._first_parent(exp_id)
+            if self._parent != run.info.run_id:
+                self.client.delete_run(run.info.run_id)
+                return self._parent
             self.client.log_text(self._parent, self.path.read_text(encoding="utf-8"), f"experiment/{self.path.name}")
             self.client.log_dict(self._parent, self.config.model_dump(mode="json"), "experiment/resolved.json")
         return self._parent
 
+    def _first_parent(self, exp_id: str) -> str | None:
+        runs = self.client.search_runs(
+            [exp_id], f"tags.`{TAG_ROLE}` = 'parent' and tags.`{TAG_EXPERIMENT}` = '{self.config.name}'",
+            order_by=["attributes.start_time ASC"], max_results=1)  # ties broken by run id in MLflow's stores
+        return runs[0].info.run_id if runs else None
+
     def finished_runs(self) -> dict[str, Run]:
-        """Cell id -> its FINISHED child run (the latest when a cell was run twice)."""
+        """Cell id -> its FINISHED child run (the latest when a cell was run twice) on the current base pipeline.
+
+        A run trained before the base pipeline or the experiment's overrides changed is stale: the cell id covers
+        only the cell's own settings. Runs without the fingerprint tag (older stores) are taken as they are."""
         parent = self.parent_run_id(create=False)
         if parent is None:
             return {}
@@ -155,7 +204,7 @@ class Experiment:
                 order_by=["attributes.start_time ASC"], max_results=1000, page_token=token)
             for run in page:
                 cell_id = run.data.tags.get(TAG_CELL)
-                if cell_id:
+                if cell_id and run.data.tags.get(TAG_BASE, self.base_fingerprint) == self.base_fingerprint:
                     out[cell_id] = run
             token = page.token
             if not token:
@@ -187,9 +236,11 @@ class Experiment:
         key = self.config.selection.metric
         history = {m.step: m.value for m in self.client.get_metric_history(run.info.run_id, key)}
         if not history:
-            raise ExperimentError(f"CV cell {cell.id} ({cell.name}) logged no metric {key!r} (it has "
-                                  f"{sorted(run.data.metrics)[:15]}); set selection.metric to a per-epoch curve, "
-                                  "e.g. val_epoch/balanced_accuracy")
+            raise ExperimentError(f"CV cell {cell.id} ({cell.name}) logged no value of {key!r} (it has "
+                                  f"{sorted(run.data.metrics)[:15]}). Either it is not a per-epoch curve: set "
+                                  "selection.metric to one, e.g. val_epoch/balanced_accuracy; or it was NaN at every "
+                                  "epoch, which is not logged (e.g. AUROC on a validation fold that lacks a class): "
+                                  "give every fold every class, or select on a metric defined on such a fold")
         best = int(run.data.metrics.get(BEST_EPOCH, max(history)))
         return float(history.get(best, history[max(history)]))
 
@@ -243,6 +294,7 @@ class Experiment:
         info = {"stage": cell.stage, "method": cell.method, "settings": cell.settings, "axes": cell.axes,
                 "seed": cell.seed, "fold": cell.fold, "candidate": cell.candidate}
         self.client.set_tag(run_id, TAG_CELL_INFO, json.dumps(info, default=str))
+        self.client.set_tag(run_id, TAG_BASE, self.base_fingerprint)
         self.client.set_tag(run_id, TAG_CELL, cell.id)
 
     def _supersede(self, done: dict[str, str]) -> None:
@@ -316,6 +368,7 @@ class Experiment:
             plan = self.plan(finished)
             picked = [_pick(plan, key, self.config) for key in cells]
             self._run_stage(picked, finished, workers, summary)
+            _raise_if_failed(summary)  # a worker's exit status is how the collecting process learns of it
             return summary
         self._run_stage(self.first_stage(), finished, workers, summary)
         finished = self.finished_runs()
@@ -333,9 +386,7 @@ class Experiment:
             summary.report = write_report(self, finished)
         if not summary.pending and not summary.failed:
             self.client.set_terminated(summary.parent_run_id, "FINISHED")
-        if summary.failed:
-            raise ExperimentError("cells failed (finished cells are kept; run the same command again to retry):\n  "
-                                  + "\n  ".join(f"{k}: {v}" for k, v in summary.failed.items()))
+        _raise_if_failed(summary)
         return summary
 
     def _run_stage(self, cells: list[Cell], finished: dict[str, Run], workers: int, summary: RunSummary) -> None:
@@ -350,6 +401,24 @@ class Experiment:
         out.mkdir(parents=True, exist_ok=True)
         (out / "selection.md").write_text(text, encoding="utf-8")
         self.client.log_text(self.parent_run_id(), text, "report/selection.md")
+
+
+# Where data, results and runs live, and how fast it goes, differ between the machines that run one experiment's
+# cells; none of it changes what a cell computes.
+_LOCAL_KEYS = ("output_dir", "tracking.", "data.manifest", "data.root", "data.cache", "data.num_workers",
+               "train.device")
+
+
+def fingerprint(base: PipelineConfig) -> str:
+    """Hash of what every cell shares beyond its own settings (the base pipeline after the experiment's overrides)."""
+    flat = {k: v for k, v in base.flat().items() if not k.startswith(_LOCAL_KEYS)}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _raise_if_failed(summary: RunSummary) -> None:
+    if summary.failed:
+        raise ExperimentError("cells failed (finished cells are kept; run the same command again to retry):\n  "
+                              + "\n  ".join(f"{k}: {v}" for k, v in summary.failed.items()))
 
 
 def _pick(plan: list[Cell], key: str, exp: ExperimentConfig) -> Cell:
