@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -260,16 +261,17 @@ def test_diverged_training_selects_nothing_instead_of_crashing_in_auroc(images, 
         train(PipelineConfig.model_validate(raw))
 
 
-def test_a_registered_name_keeps_its_label_space(images, tmp_path):
+@pytest.mark.parametrize("name", ["bus", "St Mary's bus"])  # the apostrophe broke MLflow's filter string
+def test_a_registered_name_keeps_its_label_space(images, tmp_path, name):
     """Registering a 3-class run under a name whose champion is 2-class is refused before any epoch."""
     raw = tiny_config(images, tmp_path, "two", "adam", epochs=1)
-    raw["tracking"] = {"log_model": True, "register_as": "bus", "alias": "champion"}
+    raw["tracking"] = {"log_model": True, "register_as": name, "alias": "champion"}
     assert train(PipelineConfig.model_validate(raw)).registered_version == "1"
     three = tmp_path / "three" / "manifest.csv"
     make_manifest(three.parent, three, classes=("benign", "malignant", "normal"), n_per_class=10, k=2)
     raw3 = tiny_config(three, tmp_path, "three", "adam", epochs=1)
     raw3["tracking"] = raw["tracking"]
-    with pytest.raises(ConfigError, match=r"version 1 holds classes \['benign', 'malignant'\]"):
+    with pytest.raises(ConfigError, match=re.escape(f"{name!r}: version 1 holds classes ['benign', 'malignant']")):
         train(PipelineConfig.model_validate(raw3))
     assert not (run_dir(PipelineConfig.model_validate(raw3)) / "checkpoints").exists()
 
@@ -392,19 +394,6 @@ def test_sigterm_ends_the_run_killed(images, tmp_path):
     run_id = load_checkpoint(last)["mlflow_run_id"]
     run = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
     assert run.info.status == "KILLED" and run.info.end_time is not None
-
-
-def test_a_registered_name_with_an_apostrophe(images, tmp_path):
-    """`St Mary's bus` broke the registry filter (MlflowException traceback); its label space is still kept."""
-    raw = tiny_config(images, tmp_path, "apostrophe", "adam", epochs=1)
-    raw["tracking"] = {"log_model": True, "register_as": "St Mary's bus", "alias": "champion"}
-    assert train(PipelineConfig.model_validate(raw)).registered_version == "1"
-    three = tmp_path / "three" / "manifest.csv"
-    make_manifest(three.parent, three, classes=("benign", "malignant", "normal"), n_per_class=10, k=2)
-    raw3 = tiny_config(three, tmp_path, "three", "adam", epochs=1)
-    raw3["tracking"] = raw["tracking"]
-    with pytest.raises(ConfigError, match=r"\"St Mary's bus\": version 1 holds classes"):
-        train(PipelineConfig.model_validate(raw3))
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
