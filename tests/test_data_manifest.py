@@ -76,6 +76,19 @@ def test_rows_longer_than_the_header_never_shift_columns(tmp_path):
     assert df["path"].tolist() == ["a.png", "b.png"] and df["label"].tolist() == ["benign", "malignant"]
 
 
+def test_a_blank_line_between_rows_cannot_shift_the_line_numbers(tmp_path):
+    """pandas skips blank lines, so the row after one was reported one line too early ('line 3' for line 4);
+    trailing blank lines, as editors leave them, stay harmless."""
+    gap = _write(tmp_path / "g.csv", "path,label\na.png,benign\n\nb.png,\n")
+    with pytest.raises(ManifestError, match=r"line\(s\) 3 are blank; delete them"):
+        read_manifest(gap)
+    _write(gap, "path,label\na.png,benign\nb.png,\n\n\n")
+    with pytest.raises(ManifestError, match=r"empty 'label' on line\(s\) 3;"):
+        read_manifest(gap)
+    _write(gap, "path,label\na.png,benign\nb.png,malignant\n\n")
+    assert read_manifest(gap)["path"].tolist() == ["a.png", "b.png"]
+
+
 def test_task_maps_labels_and_excludes_instead_of_deleting():
     df = pd.DataFrame({"path": ["a", "b", "c"], "label": ["benign", "Malignant", "normal"],
                        "exclude_reason": ["", "", ""]})

@@ -64,7 +64,7 @@ def read_manifest(path: str | Path, *, encoding: str | None = None) -> pd.DataFr
         raise ManifestError(f"manifest {path} does not exist; build one with `medgcsam manifest build`")
     text = _decode(path.read_bytes(), path, encoding)
     header = [c.strip() for c in next(csv.reader(io.StringIO(text)), [])]
-    _check_row_lengths(text, len(header), path)
+    _check_rows(text, len(header), path)
     try:
         with warnings.catch_warnings():  # the dropped trailing fields are empty: checked above
             warnings.simplefilter("ignore", pd.errors.ParserWarning)
@@ -84,16 +84,27 @@ def read_manifest(path: str | Path, *, encoding: str | None = None) -> pd.DataFr
     return normalize_manifest(df, origin=str(path))
 
 
-def _check_row_lengths(text: str, n_columns: int, path: Path) -> None:
-    """Rows with values beyond the header's columns (an unquoted comma in a path); empty trailing fields,
-    as some exporters write, are harmless and dropped."""
+def _check_rows(text: str, n_columns: int, path: Path) -> None:
+    """Rows with values beyond the header's columns (an unquoted comma in a path; empty trailing fields, as
+    some exporters write, are harmless and dropped), and blank lines between rows: the CSV reader skips them,
+    so every message after one would name the wrong line."""
     reader = csv.reader(io.StringIO(text))
-    long = [reader.line_num for row in reader if any(c.strip() for c in row[n_columns:])]
-    if long:
-        more = f" and {len(long) - 10} more" if len(long) > 10 else ""
-        raise ManifestError(f"{path}: line(s) {', '.join(map(str, long[:10]))}{more} have more fields than the "
-                            f"{n_columns} header columns; quote values that contain commas, or name the extra "
-                            f"column in the header")
+    long, blank, last = [], [], 0
+    for row in reader:
+        if not row:
+            blank.append(reader.line_num)
+            continue
+        last = reader.line_num
+        if any(c.strip() for c in row[n_columns:]):
+            long.append(reader.line_num)
+    problems = [(long, f"have more fields than the {n_columns} header columns; quote values that contain "
+                       f"commas, or name the extra column in the header"),
+                ([n for n in blank if n < last], "are blank; delete them (rows are named by their line in the "
+                                                 "file, and a blank line shifts every number after it)")]
+    for lines, what in problems:
+        if lines:
+            more = f" and {len(lines) - 10} more" if len(lines) > 10 else ""
+            raise ManifestError(f"{path}: line(s) {', '.join(map(str, lines[:10]))}{more} {what}")
 
 
 def normalize_manifest(df: pd.DataFrame, *, origin: str = "manifest") -> pd.DataFrame:
