@@ -60,6 +60,15 @@ class ModelConfig(_Strict):
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
     drop_path_rate: float | None = Field(None, ge=0.0, lt=1.0)
 
+    @field_validator("name")
+    @classmethod
+    def _backbone_known(cls, v: str) -> str:
+        # else a misspelt backbone fails only when a model is built: in an experiment, after other cells trained
+        from medgcsam.models.factory import timm_name  # medgcsam.models imports this module
+
+        timm_name(v)
+        return v
+
 
 class OptimizerConfig(BaseModel):
     """Optimizer name, base and hyperparameters; extra keys (rho, alpha, gamma, ...) go to the method."""

@@ -113,6 +113,9 @@ def test_missing_base_and_bad_cell_pipeline(tmp_path):
     bad = write(tmp_path, {**sweep(), "overrides": ["train.epochs=0"]})
     with pytest.raises(ConfigError, match="train.epochs"):
         Experiment(bad).validate()
+    misspelt = write(tmp_path, {**sweep(), "grid": {"model.name": ["test_resnet", "tset_vit"]}})
+    with pytest.raises(ConfigError, match="unknown backbone 'tset_vit'"):  # before any cell trains, not at its turn
+        Experiment(misspelt).validate()
 
 
 def test_experiment_overrides_from_the_command_line(tmp_path):

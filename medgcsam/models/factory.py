@@ -34,6 +34,15 @@ class InputSpec:
                 "std": list(self.std)}
 
 
+def timm_name(name: str) -> str:
+    """The timm model ``name`` (or its short alias) stands for; ValueError naming some valid ones if none."""
+    resolved = ALIASES.get(name, name)
+    if not timm.is_model(resolved):
+        raise ValueError(f"unknown backbone {name!r}; use a timm model name such as resnet18, resnet50, "
+                         f"vgg16_bn, vit_small_patch16_224, swin_tiny_patch4_window7_224, densenet121")
+    return resolved
+
+
 def create_model(
     name: str,
     num_classes: int,
@@ -46,14 +55,11 @@ def create_model(
 ) -> nn.Module:
     """Build ``name`` from timm with ``pretrained=False``; load ``pretrained_path`` (safetensors or
     a weights-only torch file) when given, adapting the stem to ``in_chans`` and resetting the head."""
-    timm_name = ALIASES.get(name, name)
-    if timm_name not in timm.list_models():
-        raise ValueError(f"unknown backbone {name!r}; use a timm model name such as resnet18, resnet50, "
-                         f"vgg16_bn, vit_small_patch16_224, swin_tiny_patch4_window7_224, densenet121")
+    resolved = timm_name(name)
     kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": drop_rate}
     if drop_path_rate is not None:
         kwargs["drop_path_rate"] = drop_path_rate
-    if image_size is not None and _takes_img_size(timm_name):
+    if image_size is not None and _takes_img_size(resolved):
         kwargs["img_size"] = image_size
     if pretrained_path is not None:
         path = Path(pretrained_path)
@@ -61,13 +67,13 @@ def create_model(
             raise FileNotFoundError(f"pretrained weights file {path} does not exist (model.pretrained_path)")
         # timm adapts the first conv to in_chans and drops a mismatched classifier for us.
         kwargs["pretrained_cfg_overlay"] = {"file": str(path.resolve()), "num_classes": 0}
-        return timm.create_model(timm_name, pretrained=True, **kwargs)
-    return timm.create_model(timm_name, pretrained=False, **kwargs)
+        return timm.create_model(resolved, pretrained=True, **kwargs)
+    return timm.create_model(resolved, pretrained=False, **kwargs)
 
 
-def _takes_img_size(timm_name: str) -> bool:
+def _takes_img_size(name: str) -> bool:
     """Transformers fix their patch grid at build time, so they need the input size up front."""
-    return timm_name.startswith(("vit_", "swin_", "deit_", "test_vit"))
+    return name.startswith(("vit_", "swin_", "deit_", "test_vit"))
 
 
 def input_spec(model: nn.Module, image_size: int | None = None, channels: int | None = None) -> InputSpec:
