@@ -205,9 +205,10 @@ def test_unwritable_output_folder_is_a_tracking_error(tmp_path, data_dir):
 def test_a_worker_whose_cell_failed_says_so(tmp_path, data_dir):
     """`--cell` is how workers run; a failed cell must fail the invocation (exit 1), or the collecting process
     counts the worker's cell as trained and then reports it as still pending."""
+    missing = str(tmp_path / "gone_weights.pth")  # valid config, fails when the cell builds its model
     path = write_experiment(tmp_path, data_dir, {"name": "broken", "seeds": [0],
-                                                 "methods": {"adam": {"set": {"model.name": "no_such_model"}}}})
-    with pytest.raises(ExperimentError, match="no_such_model"):
+                                                 "methods": {"adam": {"set": {"model.pretrained_path": missing}}}})
+    with pytest.raises(ExperimentError, match="gone_weights.pth"):
         Experiment(path).run(cells=["0"])
 
 
