@@ -70,6 +70,13 @@ def test_dicom_modality_lut_then_min_max_without_window():
     assert arr.min() == 0.0 and arr.max() == 1.0
 
 
+def test_dicom_saved_under_an_image_suffix_is_read_as_dicom(tmp_path):
+    """Some exporters write DICOM files named .png; Pillow refused them as 'not a recognised image format'."""
+    misnamed = tmp_path / "IM0001.png"
+    misnamed.write_bytes(dicom_test_file("CT_small.dcm").read_bytes())
+    np.testing.assert_array_equal(read_image(misnamed), read_image(dicom_test_file("CT_small.dcm")))
+
+
 def test_dicom_window_is_applied(tmp_path):
     ramp = np.tile(np.arange(0, 4000, 40, dtype=np.uint16), (8, 1))  # 0..3960
     path = write_dicom(tmp_path / "w.dcm", ramp, window=(2000, 1000))

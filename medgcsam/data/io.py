@@ -60,11 +60,10 @@ class ImageReadError(ValueError):
 
 
 def is_dicom(path: Path) -> bool:
-    """By suffix, or by the ``DICM`` magic at byte 128 for suffix-less exports from PACS."""
+    """By suffix, or by the ``DICM`` magic at byte 128: PACS exports often have no suffix, and some tools save
+    DICOM under an image suffix (``.png``) that Pillow then refuses as 'not a recognised image format'."""
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        return False
     with open(path, "rb") as fh:
         head = fh.read(132)
     return head[128:132] == b"DICM"
