@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pandas as pd
 import pytest
 
@@ -32,6 +34,9 @@ def test_minimal_manifest_gets_defaults_and_roundtrips(tmp_path):
     assert back["split"].tolist() == ["train", "test"] and back["fold"].tolist() == [0, -1]
     assert back["extra"].tolist() == ["x", "y"]
     assert [p.name for p in out.parent.iterdir()] == ["m2.csv"]  # no temp file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # the team can read it: mkstemp made it 0600
 
 
 def test_manifest_sha256_tracks_content(tmp_path):

@@ -9,12 +9,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import pandas as pd
+
+from medgcsam.files import replace_atomically
 
 MANIFEST_COLUMNS = ["path", "label", "source", "patient_id", "split", "fold", "sha256", "exclude_reason"]
 REQUIRED_COLUMNS = ["path", "label"]
@@ -148,14 +148,7 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     df = normalize_manifest(df, origin=str(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            df.to_csv(fh, index=False, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_atomically(path, lambda fh: df.to_csv(fh, index=False, quoting=csv.QUOTE_MINIMAL, lineterminator="\n"))
     return path
 
 

@@ -13,9 +13,8 @@ import csv
 import hashlib
 import json
 import os
-import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from medgcsam.data.io import IMAGE_SUFFIXES, ImageReadError, find_images, read_image
 from medgcsam.data.transforms import deterministic_transforms
+from medgcsam.files import replace_atomically
 from medgcsam.models.spec import ModelSpec
 
 EXIT_OK, EXIT_FILES_FAILED, EXIT_USAGE, EXIT_CRASHED = 0, 1, 2, 3
@@ -275,7 +275,7 @@ def _previous_rows(output: Path, columns: list[str], card: dict[str, object],
 
 
 def _write_text(path: Path, text: str) -> None:
-    _replace_atomically(path, lambda fh: fh.write(text + "\n"))
+    replace_atomically(path, lambda fh: fh.write(text + "\n"))
 
 
 def _write_csv(path: Path, columns: list[str], rows: Iterable[Sequence[str]]) -> None:
@@ -284,17 +284,4 @@ def _write_csv(path: Path, columns: list[str], rows: Iterable[Sequence[str]]) ->
         writer.writerow(columns)
         writer.writerows(rows)
 
-    _replace_atomically(path, write)
-
-
-def _replace_atomically(path: Path, write: Callable[[TextIO], object]) -> None:
-    """Write beside the target and rename over it, so a reader never sees half a file. Created with ``open``
-    (not ``mkstemp``, which makes 0600 files), so the result has the user's usual umask permissions."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with tmp.open("x", newline="", encoding="utf-8") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    replace_atomically(path, write)

@@ -19,6 +19,8 @@ from pathlib import Path
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from medgcsam.files import replace_atomically
+
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
@@ -113,6 +115,7 @@ class ResilientMetricLogger:
             return
         self.spill_path.parent.mkdir(parents=True, exist_ok=True)
         rows = [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in self._buffer]
-        self.spill_path.write_text(json.dumps({"run_id": self.run_id, "metrics": rows}), encoding="utf-8")
+        # atomic: a half-written file would lose every metric in it when it is read back on resume
+        replace_atomically(self.spill_path, lambda fh: json.dump({"run_id": self.run_id, "metrics": rows}, fh))
         log.error("MLflow unreachable at the end of the run: %d metrics written to %s; send them later with "
                   "MlflowClient().log_batch(run_id, metrics)", len(rows), self.spill_path)
