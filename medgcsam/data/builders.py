@@ -8,9 +8,7 @@ to the source root. Structural problems (a missing label file, an unparseable ro
 
 from __future__ import annotations
 
-import io
 import re
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from medgcsam.data.io import IMAGE_SUFFIXES, find_images
-from medgcsam.data.manifest import MANIFEST_COLUMNS, file_sha256, normalize_manifest
+from medgcsam.data.manifest import MANIFEST_COLUMNS, file_sha256, normalize_manifest, read_csv_text
 
 MISSING_FILE = "file not found"
 
@@ -91,16 +89,8 @@ def _read_text(path: Path) -> str:
 
 
 def _read_table(path: Path) -> pd.DataFrame:
-    """A label CSV as strings; errors name the file. index_col=False: a trailing comma on every row must
-    not make the first column the index (which shifts every value one column left); fields beyond the
-    header are dropped, as builders read only named columns."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", pd.errors.ParserWarning)
-            return pd.read_csv(io.StringIO(_read_text(path)), dtype=str, keep_default_na=False, index_col=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise BuildError(f"{path}: not a readable CSV ({exc}); it must be comma separated with a header "
-                         f"row") from None
+    """A label CSV as strings (builders read only its named columns)."""
+    return read_csv_text(_read_text(path), path, BuildError)
 
 
 def _walk_class_folders(root: Path, skip: Callable[[Path], bool] = lambda p: False

@@ -60,10 +60,15 @@ class ImageReadError(ValueError):
 
 
 def is_dicom(path: Path) -> bool:
-    """By suffix, or by the ``DICM`` magic at byte 128: PACS exports often have no suffix, and some tools save
-    DICOM under an image suffix (``.png``) that Pillow then refuses as 'not a recognised image format'."""
+    """By suffix, or by the ``DICM`` magic at byte 128 for suffix-less exports from PACS. A file with an
+    image suffix is taken at its word (no extra read per image); :func:`read_image` checks the magic only
+    when Pillow cannot identify it."""
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
+    return path.suffix.lower() not in IMAGE_SUFFIXES and _dicom_magic(path)
+
+
+def _dicom_magic(path: Path) -> bool:
     with open(path, "rb") as fh:
         head = fh.read(132)
     return head[128:132] == b"DICM"
@@ -137,14 +142,17 @@ def _read_pillow(path: Path, multiframe: Multiframe = "middle") -> np.ndarray:
                 img = ImageOps.exif_transpose(img)  # pixels as displayed, as the annotator saw them
             return _pillow_to_chw(img)
     except UnidentifiedImageError:
-        raise ImageReadError(f"{path}: not a recognised image format; convert it to PNG/JPEG/DICOM or set its "
-                             f"exclude_reason in the manifest") from None
+        pass  # perhaps a DICOM saved under an image suffix (.png): checked below, outside this handler
     except Image.DecompressionBombError as exc:  # not an OSError: it escaped as a bare traceback
         raise ImageReadError(f"{path}: {exc} Pillow refuses an image this large: downscale it or set its "
                              f"exclude_reason in the manifest") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{path}: image does not decode ({exc}); the file is probably truncated or corrupt: "
                              f"re-export it or set its exclude_reason in the manifest") from None
+    if _dicom_magic(path):
+        return _read_dicom(path, multiframe)
+    raise ImageReadError(f"{path}: not a recognised image format; convert it to PNG/JPEG/DICOM or set its "
+                         f"exclude_reason in the manifest")
 
 
 def _pillow_to_chw(img: Image.Image) -> np.ndarray:

@@ -65,14 +65,7 @@ def read_manifest(path: str | Path, *, encoding: str | None = None) -> pd.DataFr
     text = _decode(path.read_bytes(), path, encoding)
     header = [c.strip() for c in next(csv.reader(io.StringIO(text)), [])]
     _check_rows(text, len(header), path)
-    try:
-        with warnings.catch_warnings():  # the dropped trailing fields are empty: checked above
-            warnings.simplefilter("ignore", pd.errors.ParserWarning)
-            # index_col=False: else rows one field longer than the header make the path column the index
-            df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False, index_col=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise ManifestError(f"{path}: not a readable CSV ({exc}); it must be comma separated with a header "
-                            f"row") from None
+    df = read_csv_text(text, path)  # the dropped trailing fields are empty: checked above
     dup_cols = sorted({c for c in header if header.count(c) > 1})
     if dup_cols:
         raise ManifestError(f"{path}: column(s) {dup_cols} appear more than once in the header; keep one")
@@ -82,6 +75,18 @@ def read_manifest(path: str | Path, *, encoding: str | None = None) -> pd.DataFr
         raise ManifestError(f"{path}: missing column(s) {missing}; the header must contain at least "
                             f"{REQUIRED_COLUMNS} (found {list(df.columns)})")
     return normalize_manifest(df, origin=str(path))
+
+
+def read_csv_text(text: str, path: Path, error: type[ValueError] = ManifestError) -> pd.DataFrame:
+    """A CSV as strings only (never NaN); ``error`` names ``path`` when it does not parse. index_col=False: else
+    rows one field longer than the header make the first column the index and shift every value one column
+    left. Fields beyond the header are dropped (callers that must refuse them check first)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False, index_col=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise error(f"{path}: not a readable CSV ({exc}); it must be comma separated with a header row") from None
 
 
 def _check_rows(text: str, n_columns: int, path: Path) -> None:

@@ -125,8 +125,8 @@ def _check_frozen_groups(frozen: pd.DataFrame) -> None:
     if bad.empty:
         return
     rows = bad[bad["group"] == bad["group"].iloc[0]]
-    listed = "; ".join(f"line {i + 2} {r.path!r} split={r.split} patient_id={r.patient_id!r} "
-                       f"dup_cluster={r.dup_cluster!r}" for i, r in zip(rows.index, rows.itertuples(), strict=True))
+    listed = "; ".join(f"line {r.Index + 2} {r.path!r} split={r.split} patient_id={r.patient_id!r} "
+                       f"dup_cluster={r.dup_cluster!r}" for r in rows.itertuples())
     raise ValueError(f"{bad['group'].nunique()} patient/duplicate group(s) span frozen splits, e.g. {listed}; put "
                      f"each patient (and copies of an image) in one split, or set exclude_reason on the extra rows")
 

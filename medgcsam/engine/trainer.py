@@ -39,6 +39,7 @@ from medgcsam.engine.distributed import DistContext, broadcast, gather, init_dis
 from medgcsam.engine.metrics import EPOCH_PREFIX, MONITOR_KEYS, TrainMeter, classification_metrics, is_improvement
 from medgcsam.engine.schedule import build_scheduler
 from medgcsam.engine.step import autocast_factory, train_step
+from medgcsam.files import replace_atomically
 from medgcsam.models.factory import create_model, input_spec
 from medgcsam.models.spec import ModelSpec, Preprocessing
 from medgcsam.optim import check_hyperparameters, create_optimizer
@@ -559,7 +560,7 @@ class _Training:
             raise FinishError(f"training finished but {what} failed ({type(exc).__name__}: {exc}); the weights "
                               f"are in {self.ckpt_dir / ckpt_io.BEST}; rerun with --resume to finish") from exc
         done[key] = result
-        path.write_text(json.dumps({"run_id": self.run_id, "done": done}), encoding="utf-8")
+        replace_atomically(path, lambda fh: json.dump({"run_id": self.run_id, "done": done}, fh))
         return result
 
     def _log_training(self, trace_csv: Path) -> None:
