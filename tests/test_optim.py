@@ -544,3 +544,31 @@ def test_gc_ema_survives_an_overflow_and_a_changing_loss_scale() -> None:
     plain, _ = run(None, overflow=False)
     scaled, _ = run(torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2), overflow=False)
     assert max(float((a - b).abs().max()) for a, b in zip(plain, scaled, strict=True)) < 1e-12
+
+
+SYNC_FREE_CASES = [(name, {"momentum": 0.9} if name == "msam" else {}) for name in OPTIMIZERS] + [
+    ("gcsam", {"gc_placement": "both", "gc_ema_beta": 0.9}),
+    ("gcsam", {"perturbation_norm": "raw", "accumulation_steps": 2}),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), SYNC_FREE_CASES)
+def test_a_whole_step_runs_without_host_synchronization(name: str, kwargs: dict) -> None:
+    """Meta tensors have no values, so .item(), float(t) and `if t:` raise on them: a step that runs to the
+    end on the meta device has no host synchronization and can be captured in a CUDA graph later."""
+    from medgcsam.engine.metrics import TrainMeter
+    from medgcsam.engine.step import train_step
+
+    with pytest.raises(RuntimeError):  # the detector works
+        bool(torch.ones((), device="meta"))
+    with torch.device("meta"):
+        model = Net()
+        images, labels = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
+    base = "sgd" if name == "msam" else "adam"
+    opt = create_optimizer(name, model.parameters(), model=model, base=base, max_grad_norm=1.0, **kwargs)
+    meter = TrainMeter(torch.device("meta"), max_steps=4)
+    for step in range(opt.accumulation_steps):
+        train_step(model, opt, nn.CrossEntropyLoss(), images, labels, autocast=torch.enable_grad, meter=meter)
+        meter.record_grad_norms(step, opt.stats, centralized=True)
+    assert meter.trace_steps == list(range(opt.accumulation_steps))
+    assert all(p.grad is None for p in model.parameters())  # the base step ran and cleared the gradients

@@ -408,7 +408,7 @@ class WrappedOptimizer:
             self._single_pass_stats(grads)
         self._before_base_step(grads)
         if self.max_grad_norm is not None:
-            nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
+            nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         if scaler is not None:
             scaler.step(self.base)
             self._after_base_step()
