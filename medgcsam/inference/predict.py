@@ -54,10 +54,6 @@ class PredictionSummary:
     def exit_code(self) -> int:
         return EXIT_FILES_FAILED if self.failed else EXIT_OK
 
-    @property
-    def images_per_second(self) -> float:
-        return self.predicted / self.seconds if self.seconds > 0 else 0.0
-
 
 def errors_path(output: str | Path) -> Path:
     """``predictions.csv`` -> ``predictions.errors.csv`` beside it."""

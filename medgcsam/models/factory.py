@@ -87,10 +87,6 @@ def input_spec(model: nn.Module, image_size: int | None = None, channels: int | 
     return InputSpec(image_size=size, channels=chans, mean=mean, std=std)
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights-only load: a checkpoint from elsewhere can never run code here."""
     return torch.load(path, map_location="cpu", weights_only=True)

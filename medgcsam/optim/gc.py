@@ -6,12 +6,9 @@ Per tensor it is an orthogonal projection, so it is idempotent and never increas
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor, nn
 
-GCTargets = Literal["ndim>1", "conv_linear", "conv"]
 GC_TARGETS: tuple[str, ...] = ("ndim>1", "conv_linear", "conv")
 
 

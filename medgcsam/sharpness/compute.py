@@ -27,8 +27,6 @@ from medgcsam.sharpness.operator import Batch, HessianOperator, preserved_state
 from medgcsam.sharpness.plots import plot_density, plot_landscape
 from medgcsam.sharpness.spectrum import hutchinson_trace, lanczos_top_eigs, power_iteration, slq_density
 
-EIGEN_METHODS = {"lanczos": lanczos_top_eigs, "power": power_iteration}
-
 
 def fixed_batches(data: Dataset | Iterable, n_samples: int, batch_size: int, seed: int = 0) -> list[Batch]:
     """A reproducible list of (x, y) batches.
