@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
-import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,3 +94,20 @@ def test_compose_has_tracking_server_with_database_and_gpu_jobs():
         assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
         assert any(v.endswith(":/data:ro") for v in svc["volumes"])
         assert svc["depends_on"]["mlflow"]["condition"] == "service_healthy"
+
+
+def test_every_documented_model_uri_names_a_model_a_pipeline_or_the_same_snippet_registers():
+    """Copied commands must work: a `models:/NAME` in a code block is a pipeline's `register_as`, or the
+    same file registers NAME itself (`registered_model_name="NAME"`); NAME, name and m-<id> are placeholders."""
+    registered = {yaml.safe_load(p.read_text())["tracking"].get("register_as")
+                  for p in (ROOT / "pipelines").rglob("*.yaml") if "tracking" in yaml.safe_load(p.read_text())}
+    wrong = []
+    for path in [ROOT / "README.md", ROOT / "docker-compose.yml", *sorted((ROOT / "docs").rglob("*.md"))]:
+        text = path.read_text()
+        code = text if path.suffix == ".yml" else "\n".join(re.findall(r"```[a-z]*\n(.*?)```", text, re.S))
+        own = set(re.findall(r'registered_model_name="([^"]+)"', text))
+        for name in re.findall(r"models:/([A-Za-z0-9_.-]+)", code):
+            if name not in registered | own and name not in ("NAME", "name") and not name.startswith("m-"):
+                wrong.append(f"{path.relative_to(ROOT)}: models:/{name}")
+    assert len(registered) >= 3
+    assert not wrong, f"documented model URIs no pipeline registers: {wrong}"
