@@ -24,7 +24,7 @@ from medgcsam.data.datasets import DataBundle, build_datasets
 from medgcsam.engine.checkpoint import load_checkpoint, save_checkpoint
 from medgcsam.engine.distributed import resolve_device
 from medgcsam.evaluation.evaluate import evaluate, log_evaluation
-from medgcsam.inference.package import ModelLoadError, load_classifier, log_classifier
+from medgcsam.inference.package import MODEL_REFERENCE_HELP, ModelLoadError, load_classifier, log_classifier
 from medgcsam.models.spec import ModelSpec
 from medgcsam.tracking import TrackingError, activate, ensure_experiment, ensure_reachable, resolve_tracking_uri
 
@@ -118,8 +118,7 @@ def _store_threshold(loaded: LoadedModel, spec: ModelSpec) -> str:
 
 
 def evaluate_command(
-    model: str = typer.Option(..., "--model", "-m", help="models:/name@alias, models:/name/3, runs:/<id>/model, "
-                              "or a checkpoint .pt file"),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_REFERENCE_HELP),
     pipeline: Path = typer.Option(..., "--pipeline", "-p", help="Pipeline YAML (data, evaluation, tracking)"),
     split: list[str] = typer.Option(None, "--split", help="Split(s) to report besides val (default: "
                                     "evaluation.splits)"),

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import typer
 
-from medgcsam.inference.package import ModelLoadError, load_classifier
+from medgcsam.inference.package import MODEL_REFERENCE_HELP, ModelLoadError, load_classifier
 from medgcsam.inference.predict import EXIT_CRASHED, EXIT_USAGE, PredictionError, partial_path, predict
 
 
@@ -30,8 +30,7 @@ def _resolve_device(device: str) -> str:
 
 
 def predict_command(
-    model: str = typer.Option(..., "--model", "-m", help="models:/name@alias, models:/name/3, runs:/<id>/model, "
-                              "or a checkpoint .pt file"),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_REFERENCE_HELP),
     input_dir: Path = typer.Option(..., "--input", "-i", help="Folder searched recursively for PNG/JPEG/DICOM"),
     output: Path = typer.Option(..., "--output", "-o", help="Predictions CSV; errors go to <stem>.errors.csv"),
     batch_size: int = typer.Option(32, min=1),

@@ -31,6 +31,8 @@ SPEC_FILE = "spec.json"
 EXTRA_FILES_DIR = "extra_files"  # where mlflow.pytorch copies ``extra_files`` inside the model
 METADATA_KEY = "medgcsam_spec"
 URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "file:/")
+MODEL_REFERENCE_HELP = ("models:/name@alias, models:/name/3, models:/m-<id>, runs:/<id>/model, "
+                        "a downloaded MLflow model folder, or a checkpoint .pt file")
 
 
 class ModelLoadError(RuntimeError):

@@ -12,13 +12,12 @@ import mlflow
 import typer
 
 from medgcsam.evaluation.cli import bundle_for, load_for_cli, model_run
+from medgcsam.inference.package import MODEL_REFERENCE_HELP
 from medgcsam.sharpness.compute import compute_landscape, compute_sharpness, log_sharpness
-
-_MODEL_HELP = "models:/name@alias, models:/name/3, runs:/<id>/model, or a checkpoint .pt file"
 
 
 def sharpness_command(
-    model: str = typer.Option(..., "--model", "-m", help=_MODEL_HELP),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_REFERENCE_HELP),
     pipeline: Path = typer.Option(..., "--pipeline", "-p", help="Pipeline YAML (data, sharpness, tracking)"),
     output: Path | None = typer.Option(None, "--output", "-o", help="Folder for sharpness.json, esd.npz, "
                                        "esd_density.png (default: <output_dir>/sharpness)"),
@@ -44,7 +43,7 @@ def sharpness_command(
 
 
 def landscape_command(
-    model: str = typer.Option(..., "--model", "-m", help=_MODEL_HELP),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_REFERENCE_HELP),
     pipeline: Path = typer.Option(..., "--pipeline", "-p", help="Pipeline YAML (data, sharpness, tracking)"),
     output: Path | None = typer.Option(None, "--output", "-o", help="Folder for arrays and PNGs "
                                        "(default: <output_dir>/landscape)"),
