@@ -20,6 +20,8 @@ from medgcsam.sharpness import (
     slq_density,
     start_vector,
 )
+from medgcsam.sharpness import operator as operator_module
+from medgcsam.sharpness.operator import free_memory, graph_bytes
 
 F64 = torch.float64
 
@@ -238,8 +240,51 @@ def test_operator_gradient_is_the_weighted_mean_gradient():
     expected = torch.cat([g.reshape(-1) for g in expected])
     torch.testing.assert_close(HessianOperator(model, batches).gradient(), expected)
     single = HessianOperator(model, [(x, y)])
-    torch.testing.assert_close(single.gradient(), expected)  # read off the retained graph
-    assert single.hvp_count == 0 and single._grads is not None
+    torch.testing.assert_close(single.gradient(), expected)  # read off the graph the products keep
+    assert single.hvp_count == 0 and single.graphs_kept
+    fwd = HessianOperator(model, batches, method="fwd")
+    torch.testing.assert_close(fwd.gradient(), expected)
+    assert fwd.graphs_kept is None
+
+
+def test_several_batches_keep_their_graphs_when_they_fit_and_rebuild_them_when_not():
+    model = conv_bn().eval()
+    batches = [data(16, (2, 6, 6), seed=s) for s in range(3)]
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    v = torch.randn(HessianOperator(model, batches).dim, dtype=F64)
+    whole = HessianOperator(model, [(x, y)])(v)
+    need = 2 * graph_bytes(HessianOperator(model, batches)._first_order(*batches[0]))  # the two other graphs
+    assert need > 0
+    for memory, kept in [(None, True), (need, True), (need - 1, False), (0, False)]:
+        op = HessianOperator(model, batches, graph_memory=memory)
+        first, second = op(v), op(v)  # the second product runs on kept graphs, or on rebuilt ones
+        assert op.graphs_kept is kept, memory
+        assert sum(g is not None for g in op._graphs) == (3 if kept else 0)
+        assert torch.linalg.norm(first - whole) / torch.linalg.norm(whole) < 1e-12
+        assert torch.equal(first, second)
+
+
+def test_graph_bytes_grow_with_the_batch_and_count_shared_storage_once():
+    model = conv_bn().eval()
+    op = HessianOperator(model, [data(1, (2, 6, 6))])
+    sizes = [graph_bytes(op._first_order(*data(n, (2, 6, 6)))) for n in (16, 32, 64)]
+    assert sizes[0] < sizes[1] < sizes[2]
+    assert sizes[2] - sizes[1] == pytest.approx(2 * (sizes[1] - sizes[0]), rel=0.05)  # linear in the batch
+    t = torch.ones(1000, dtype=F64)
+    assert graph_bytes([t, t[:10]]) == 8000  # one storage; no graph
+
+
+def test_free_memory_honours_the_container_limit(tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    host = free_memory(cpu)
+    assert host > 0  # Linux: MemAvailable
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text(f"{2**30}\n")
+    usage.write_text(f"{2**28}\n")
+    monkeypatch.setattr(operator_module, "CGROUP_MEMORY_FILES", ((str(limit), str(usage)),))
+    assert free_memory(cpu) == min(host, 2**30 - 2**28)
+    limit.write_text("max\n")  # cgroup v2 without a limit
+    assert free_memory(cpu) == pytest.approx(host, rel=0.2)
 
 
 def test_gradient_start_finds_the_top_eigenvalue_in_fewer_products():

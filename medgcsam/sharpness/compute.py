@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
@@ -25,7 +24,7 @@ from medgcsam.evaluation.predict import split_batch
 from medgcsam.sharpness.landscape import Landscape, loss_landscape_1d, loss_landscape_2d
 from medgcsam.sharpness.operator import Batch, HessianOperator, preserved_state
 from medgcsam.sharpness.plots import plot_density, plot_landscape
-from medgcsam.sharpness.spectrum import hutchinson_trace, lanczos_top_eigs, power_iteration, slq_density
+from medgcsam.sharpness.spectrum import Density, Eigen, hutchinson_trace, lanczos_top_eigs, power_iteration, slq_density
 
 
 def fixed_batches(data: Dataset | Iterable, n_samples: int, batch_size: int, seed: int = 0) -> list[Batch]:
@@ -61,7 +60,8 @@ def compute_sharpness(model: nn.Module, data: Dataset | Iterable, cfg: Sharpness
     batches = fixed_batches(data, cfg.n_samples, cfg.batch_size, cfg.seed)
     model.to(device)
     with preserved_state(model):
-        op = HessianOperator(model, batches, F.cross_entropy, device=device)
+        memory = None if cfg.graph_memory_gb is None else int(cfg.graph_memory_gb * 2**30)
+        op = HessianOperator(model, batches, F.cross_entropy, device=device, graph_memory=memory)
         common = {"seed": cfg.seed, "dtype": op.dtype, "device": op.device}
         if cfg.method == "lanczos":
             direction = op.gradient() if cfg.start == "gradient" else None
@@ -88,16 +88,17 @@ def compute_sharpness(model: nn.Module, data: Dataset | Iterable, cfg: Sharpness
         "hessian_hvp_count": float(op.hvp_count), "hessian_wall_s": time.perf_counter() - start,
     })
     if out_dir is not None:
-        _write_sharpness(Path(out_dir), metrics, cfg, density, eig.values, eig.residuals)
+        _write_sharpness(Path(out_dir), metrics, cfg, density, eig, op.graphs_kept)
     return metrics
 
 
-def _write_sharpness(out: Path, metrics: dict[str, float], cfg: SharpnessConfig, density: Any | None,
-                     values: Sequence[float], residuals: Sequence[float]) -> None:
+def _write_sharpness(out: Path, metrics: dict[str, float], cfg: SharpnessConfig, density: Density | None,
+                     eig: Eigen, graphs_kept: bool | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    record = {"metrics": metrics, "settings": cfg.model_dump(), "top_eigenvalues": list(values),
-              "residuals": list(residuals), "precision": {"dtype": "float32", "tf32": False, "sdpa": "math"},
-              "operator": "mean cross-entropy, eval mode, no weight decay, all trainable parameters"}
+    record = {"metrics": metrics, "settings": cfg.model_dump(), "top_eigenvalues": list(eig.values),
+              "residuals": list(eig.residuals), "precision": {"dtype": "float32", "tf32": False, "sdpa": "math"},
+              "operator": "mean cross-entropy, eval mode, no weight decay, all trainable parameters",
+              "first_order_graphs_kept": graphs_kept}
     (out / "sharpness.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
     if density is None:
         return

@@ -5,9 +5,12 @@ trainable parameter: H v = sum_b (n_b / N) H_b v. The solvers (Lanczos, power it
 Hutchinson, SLQ) only see ``matvec(v)``, so they can be tested on explicit matrices.
 
 Two HVP methods, both exact:
-- ``"rev"``  reverse-over-reverse (double backward). With a single batch the first-order graph is
-  built once and kept, so every further HVP costs one extra backward (PyHessian's trick, minus its
-  ``.grad`` reference cycle). With several batches the graph is rebuilt per batch.
+- ``"rev"``  reverse-over-reverse (double backward). The first-order graph of each batch is built once
+  and kept, so every further HVP costs one extra backward (PyHessian's trick, minus its ``.grad``
+  reference cycle): about 1.45x faster per product than rebuilding it (resnet18, 96 px, batch 64, CPU).
+  With several batches that holds only while all their graphs fit in ``graph_memory`` bytes (default:
+  half of the memory free on the device), measured on the first graph built; otherwise each graph is
+  rebuilt per product, as PyHessian's multi-batch mode always does.
 - ``"fwd"``  forward-over-reverse, ``jvp(grad(loss))`` via ``torch.func`` (less memory, no retained
   graph; needs forward-AD formulas for every op).
 Fused attention kernels support neither, so every HVP runs under the math SDPA backend, and TF32
@@ -76,7 +79,8 @@ class HessianOperator:
     """
 
     def __init__(self, model: nn.Module, batches: Sequence[Batch], criterion: Criterion = F.cross_entropy, *,
-                 method: str = "rev", device: torch.device | str | None = None) -> None:
+                 method: str = "rev", device: torch.device | str | None = None,
+                 graph_memory: int | None = None) -> None:
         if method not in ("rev", "fwd"):
             raise ValueError(f"unknown HVP method {method!r}; use 'rev' (double backward) or 'fwd' (jvp of grad)")
         if not batches:
@@ -94,7 +98,9 @@ class HessianOperator:
         self.dim = sum(self.numels)
         self.dtype, self.device = self.params[0].dtype, self.params[0].device
         self.hvp_count = 0
-        self._grads: list[torch.Tensor] | None = None  # retained first-order graph (single batch, "rev")
+        self.graph_memory = graph_memory
+        self.graphs_kept: bool | None = None  # "rev": decided when the first graph is built
+        self._graphs: list[list[torch.Tensor] | None] = [None] * len(self.batches)
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views of a flat vector shaped like the parameters (parameters_to_vector order)."""
@@ -109,8 +115,8 @@ class HessianOperator:
         parts = self.split(v.to(self.dtype))
         out: torch.Tensor | None = None
         with exact_numerics():
-            for x, y in self.batches:
-                hv = self._hvp_rev(x, y, parts) if self.method == "rev" else self._hvp_fwd(x, y, parts)
+            for i, (x, y) in enumerate(self.batches):
+                hv = self._hvp_rev(i, parts) if self.method == "rev" else self._hvp_fwd(x, y, parts)
                 flat = _flat(hv)
                 weight = len(y) / self.total
                 out = (flat if weight == 1 else flat.mul_(weight)) if out is None else out.add_(flat, alpha=weight)
@@ -121,19 +127,18 @@ class HessianOperator:
         """The flat gradient of the same sample-mean loss.
 
         Lanczos starts from it: gradients lie mostly in the top eigenspace of the Hessian (Gur-Ari et al.
-        2018), so the top eigenvalue is found in a few products. With one batch and ``"rev"`` it is read
-        off the retained first-order graph, so it costs nothing extra."""
+        2018), so the top eigenvalue is found in a few products. With ``"rev"`` it is read off the
+        first-order graphs the products need anyway, so when they are kept it costs nothing extra."""
+        out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         with exact_numerics():
-            if len(self.batches) == 1 and self.method == "rev":
-                if self._grads is None:
-                    self._grads = self._first_order(*self.batches[0])
-                return _flat(self._grads)
-            out = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-            for x, y in self.batches:
-                loss = self.criterion(self.model(x), y) * (len(y) / self.total)
-                grads = torch.autograd.grad(loss, self.params, allow_unused=True, materialize_grads=True)
-                out += _flat(grads)
-            return out
+            for i, (x, y) in enumerate(self.batches):
+                if self.method == "rev":
+                    grads = [g.detach() for g in self._graph(i)]
+                else:
+                    loss = self.criterion(self.model(x), y)
+                    grads = torch.autograd.grad(loss, self.params, allow_unused=True, materialize_grads=True)
+                out.add_(_flat(grads), alpha=len(y) / self.total)
+        return out
 
     def loss(self) -> torch.Tensor:
         """Sample-mean loss over all batches (no graph)."""
@@ -144,13 +149,22 @@ class HessianOperator:
         loss = self.criterion(self.model(x), y)
         return list(torch.autograd.grad(loss, self.params, create_graph=True, materialize_grads=True))
 
-    def _hvp_rev(self, x: torch.Tensor, y: torch.Tensor, parts: list[torch.Tensor]) -> Sequence[torch.Tensor]:
-        single = len(self.batches) == 1
-        if single and self._grads is None:
-            self._grads = self._first_order(x, y)
-        grads = self._grads if single else self._first_order(x, y)
+    def _graph(self, i: int) -> list[torch.Tensor]:
+        """Batch ``i``'s first-order graph: the kept one, or a new one (kept if all of them fit)."""
+        grads = self._graphs[i]
+        if grads is None:
+            grads = self._first_order(*self.batches[i])
+            if self.graphs_kept is None:
+                others = graph_bytes(grads) * (len(self.batches) - 1)
+                budget = free_memory(self.device) // 2 if self.graph_memory is None else self.graph_memory
+                self.graphs_kept = others <= budget
+            if self.graphs_kept:
+                self._graphs[i] = grads
+        return grads
+
+    def _hvp_rev(self, i: int, parts: list[torch.Tensor]) -> Sequence[torch.Tensor]:
         # parameters that enter the loss only linearly have no second-order path: zeros, not errors
-        return torch.autograd.grad(grads, self.params, grad_outputs=parts, retain_graph=single,
+        return torch.autograd.grad(self._graph(i), self.params, grad_outputs=parts, retain_graph=self.graphs_kept,
                                    allow_unused=True, materialize_grads=True)
 
     def _hvp_fwd(self, x: torch.Tensor, y: torch.Tensor, parts: list[torch.Tensor]) -> Sequence[torch.Tensor]:
@@ -160,3 +174,61 @@ class HessianOperator:
 
         primals = tuple(p.detach() for p in self.params)
         return jvp(grad(loss_of), (primals,), (tuple(parts),))[1]
+
+
+def graph_bytes(outputs: Sequence[torch.Tensor]) -> int:
+    """Bytes an autograd graph keeps alive: the outputs plus every distinct storage its nodes saved.
+
+    Read from the nodes' ``_saved_*`` attributes, not from saved-tensor hooks: an identity pack hook
+    puts a node's own output in a reference cycle, which leaked a graph per call until ``gc`` ran."""
+    storages: dict[int, int] = {}
+    seen: set[object] = set()
+    stack = [t.grad_fn for t in outputs]
+    for t in outputs:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for name in dir(node):
+            if not name.startswith("_saved_"):
+                continue
+            try:
+                value = getattr(node, name)
+            except RuntimeError:  # a saved tensor already freed
+                continue
+            for t in value if isinstance(value, tuple | list) else (value,):
+                if isinstance(t, torch.Tensor):
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        stack.extend(n for n, _ in node.next_functions)
+    return sum(storages.values())
+
+
+CGROUP_MEMORY_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                       ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device``: CUDA's own count; for the CPU, Linux's MemAvailable capped by the container's
+    cgroup limit (v2 or v1; MemAvailable alone shows the host's memory inside a container); else 0."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    found = []
+    meminfo = _read("/proc/meminfo")
+    for line in (meminfo or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            found.append(int(line.split()[1]) * 1024)
+    for limit, usage in CGROUP_MEMORY_FILES:
+        cap, used = _read(limit), _read(usage)
+        if cap and used and cap.strip().isdigit() and used.strip().isdigit():
+            found.append(int(cap) - int(used))
+    return max(0, min(found)) if found else 0
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read()
+    except OSError:
+        return None
