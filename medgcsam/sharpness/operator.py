@@ -163,8 +163,9 @@ class HessianOperator:
         return grads
 
     def _hvp_rev(self, i: int, parts: list[torch.Tensor]) -> Sequence[torch.Tensor]:
+        grads = self._graph(i)  # decides graphs_kept on the first call
         # parameters that enter the loss only linearly have no second-order path: zeros, not errors
-        return torch.autograd.grad(self._graph(i), self.params, grad_outputs=parts, retain_graph=self.graphs_kept,
+        return torch.autograd.grad(grads, self.params, grad_outputs=parts, retain_graph=self.graphs_kept,
                                    allow_unused=True, materialize_grads=True)
 
     def _hvp_fwd(self, x: torch.Tensor, y: torch.Tensor, parts: list[torch.Tensor]) -> Sequence[torch.Tensor]:
