@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -412,6 +414,7 @@ def test_compute_sharpness_restores_model_and_logs_counts(backbone, size, tmp_pa
     assert 2 + 2 + 1 <= m["hessian_hvp_count"] <= 6 + 2 + 4
     assert np.isfinite([m["hessian_trace"], m["hessian_esd_std"], m["hessian_wall_s"]]).all()
     assert {p.name for p in tmp_path.iterdir()} >= {"sharpness.json", "esd.npz", "esd_density.png"}
+    assert json.loads((tmp_path / "sharpness.json").read_text())["first_order_graphs_kept"] is True  # 2 small batches
 
 
 def test_top_eigenvalue_only_skips_trace_and_density(tmp_path):
