@@ -186,7 +186,8 @@ class SharpnessConfig(_Strict):
     density_steps: int = Field(80, ge=2)
     graph_memory_gb: float | None = Field(
         None, ge=0.0, description="Memory for keeping every batch's first-order graph between products (about "
-        "1.45x faster when there are several batches); None: half of what is free on the device; 0: rebuild")
+        "1.45x faster when there are several batches); None: half of what is free on the device; 0: rebuild "
+        "them per product (a single batch's graph is always kept: rebuilding it would save no memory)")
     seed: int = 0
 
 

@@ -566,9 +566,10 @@ def test_a_whole_step_runs_without_host_synchronization(name: str, kwargs: dict)
         images, labels = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
     base = "sgd" if name == "msam" else "adam"
     opt = create_optimizer(name, model.parameters(), model=model, base=base, max_grad_norm=1.0, **kwargs)
-    meter = TrainMeter(torch.device("meta"), max_steps=4)
-    for step in range(opt.accumulation_steps):
+    micro_batches = 2 * opt.accumulation_steps  # two optimizer steps: some paths start at the second (MSAM)
+    meter = TrainMeter(torch.device("meta"), max_steps=micro_batches)
+    for step in range(micro_batches):
         train_step(model, opt, nn.CrossEntropyLoss(), images, labels, autocast=torch.enable_grad, meter=meter)
         meter.record_grad_norms(step, opt.stats, centralized=True)
-    assert meter.trace_steps == list(range(opt.accumulation_steps))
+    assert meter.trace_steps == list(range(micro_batches))
     assert all(p.grad is None for p in model.parameters())  # the base step ran and cleared the gradients

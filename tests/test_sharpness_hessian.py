@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +23,8 @@ from medgcsam.sharpness import (
     slq_density,
     start_vector,
 )
-from medgcsam.sharpness import operator as operator_module
-from medgcsam.sharpness.operator import free_memory, graph_bytes
+from medgcsam.sharpness import memory as memory_module
+from medgcsam.sharpness.memory import free_memory, graph_bytes
 
 F64 = torch.float64
 
@@ -255,8 +256,9 @@ def test_several_batches_keep_their_graphs_when_they_fit_and_rebuild_them_when_n
     x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     v = torch.randn(HessianOperator(model, batches).dim, dtype=F64)
     whole = HessianOperator(model, [(x, y)])(v)
-    need = 2 * graph_bytes(HessianOperator(model, batches)._first_order(*batches[0]))  # the two other graphs
-    assert need > 0
+    first = HessianOperator(model, batches)._first_order(*batches[0])
+    need = 2 * graph_bytes(first, exclude=[*model.parameters(), *batches[0]])  # the two other graphs
+    assert 0 < need < 2 * graph_bytes(first)  # parameters and inputs exist anyway: not counted
     for memory, kept in [(None, True), (need, True), (need - 1, False), (0, False)]:
         op = HessianOperator(model, batches, graph_memory=memory)
         first, second = op(v), op(v)  # the second product runs on kept graphs, or on rebuilt ones
@@ -264,6 +266,49 @@ def test_several_batches_keep_their_graphs_when_they_fit_and_rebuild_them_when_n
         assert sum(g is not None for g in op._graphs) == (3 if kept else 0)
         assert torch.linalg.norm(first - whole) / torch.linalg.norm(whole) < 1e-12
         assert torch.equal(first, second)
+
+
+def test_the_estimate_scales_a_small_first_batch_to_the_others():
+    model = conv_bn().eval()
+    batches = [data(2, (2, 6, 6), seed=0), data(48, (2, 6, 6), seed=1), data(48, (2, 6, 6), seed=2)]
+    big = graph_bytes(HessianOperator(model, batches)._first_order(*batches[1]), exclude=[*model.parameters(),
+                                                                                         *batches[1]])
+    op = HessianOperator(model, batches, graph_memory=int(1.8 * big))  # less than the two big graphs need
+    op(torch.ones(op.dim, dtype=F64))
+    assert op.graphs_kept is False
+
+
+def test_kept_graphs_follow_the_weights():
+    model = conv_bn().eval()
+    batches = [data(8, (2, 6, 6), seed=s) for s in range(2)]
+    op = HessianOperator(model, batches)
+    v = torch.randn(op.dim, dtype=F64)
+    op(v)
+    assert op.graphs_kept
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)  # in place: bumps the version
+    torch.testing.assert_close(op(v), HessianOperator(model, batches, graph_memory=0)(v), rtol=1e-12, atol=0)
+    vector = torch.nn.utils.parameters_to_vector(model.parameters())
+    torch.nn.utils.vector_to_parameters(vector * 0.7, model.parameters())  # .data assignment: new storage
+    torch.testing.assert_close(op(v), HessianOperator(model, batches, graph_memory=0)(v), rtol=1e-12, atol=0)
+
+
+def test_a_saved_sparse_tensor_neither_breaks_the_estimate_nor_the_products():
+    class Graph(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3).to(F64)
+            self.register_buffer("adj", torch.eye(6, dtype=F64).to_sparse())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sparse.mm(self.adj, torch.tanh(self.lin(x)))
+
+    model = Graph().eval()
+    batches = [data(6, (4,), seed=s) for s in range(2)]
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=F64)
+    kept, rebuilt = HessianOperator(model, batches), HessianOperator(model, batches, graph_memory=0)
+    torch.testing.assert_close(kept(v), rebuilt(v), rtol=1e-12, atol=0)
+    assert kept.graphs_kept and graph_bytes([model.adj]) > 0
 
 
 def test_graph_bytes_grow_with_the_batch_and_count_shared_storage_once():
@@ -274,19 +319,48 @@ def test_graph_bytes_grow_with_the_batch_and_count_shared_storage_once():
     assert sizes[2] - sizes[1] == pytest.approx(2 * (sizes[1] - sizes[0]), rel=0.05)  # linear in the batch
     t = torch.ones(1000, dtype=F64)
     assert graph_bytes([t, t[:10]]) == 8000  # one storage; no graph
+    assert graph_bytes([t, t[:10]], exclude=[t[5:]]) == 0
 
 
-def test_free_memory_honours_the_container_limit(tmp_path, monkeypatch):
-    cpu = torch.device("cpu")
-    host = free_memory(cpu)
-    assert host > 0  # Linux: MemAvailable
-    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
-    limit.write_text(f"{2**30}\n")
-    usage.write_text(f"{2**28}\n")
-    monkeypatch.setattr(operator_module, "CGROUP_MEMORY_FILES", ((str(limit), str(usage)),))
-    assert free_memory(cpu) == min(host, 2**30 - 2**28)
-    limit.write_text("max\n")  # cgroup v2 without a limit
-    assert free_memory(cpu) == pytest.approx(host, rel=0.2)
+def fake_cgroups(tmp: Path, monkeypatch, proc_cgroup: str, mountinfo: str) -> None:
+    (tmp / "self").mkdir()
+    (tmp / "self" / "cgroup").write_text(proc_cgroup)
+    (tmp / "self" / "mountinfo").write_text(mountinfo)
+    (tmp / "meminfo").write_text("MemTotal: 99999999 kB\nMemAvailable: 8388608 kB\n")  # 8 GiB
+    monkeypatch.setattr(memory_module, "PROC_SELF", tmp / "self")
+    monkeypatch.setattr(memory_module, "MEMINFO", tmp / "meminfo")
+
+
+def write_cgroup(folder: Path, files: dict[str, str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+def test_free_memory_takes_the_tightest_cgroup_limit_of_the_process_and_its_ancestors(tmp_path, monkeypatch):
+    cpu, gib = torch.device("cpu"), 2**30
+    root = tmp_path / "cg2"
+    fake_cgroups(tmp_path, monkeypatch, "0::/slurm/job7/step0\n",
+                 f"30 20 0:26 / {root} rw,nosuid - cgroup2 cgroup2 rw\n")
+    write_cgroup(root / "slurm" / "job7" / "step0", {"memory.max": "max\n", "memory.current": "1\n"})
+    write_cgroup(root / "slurm" / "job7", {"memory.max": f"{4 * gib}\n", "memory.current": f"{3 * gib}\n",
+                                           "memory.stat": f"anon 5\ninactive_file {gib // 2}\n"})
+    write_cgroup(root / "slurm", {"memory.max": f"{64 * gib}\n", "memory.current": f"{10 * gib}\n"})
+    assert free_memory(cpu) == 4 * gib - (3 * gib - gib // 2)  # the job's limit, page cache reclaimable
+    write_cgroup(root / "slurm" / "job7", {"memory.max": "max\n"})
+    assert free_memory(cpu) == 8 * gib  # MemAvailable is then the tightest
+    assert free_memory(torch.device("meta")) == 0
+
+
+def test_free_memory_reads_a_cgroup_v1_memory_mount_with_its_own_root(tmp_path, monkeypatch):
+    gib, mount = 2**30, tmp_path / "memory"
+    fake_cgroups(tmp_path, monkeypatch, "5:cpu:/\n4:memory:/docker/abc\n0::/\n",
+                 f"40 20 0:30 /docker/abc {mount} rw - cgroup cgroup rw,memory\n")
+    write_cgroup(mount, {"memory.limit_in_bytes": f"{2 * gib}\n", "memory.usage_in_bytes": f"{gib}\n",
+                         "memory.stat": f"total_inactive_file {gib // 4}\n"})
+    assert free_memory(torch.device("cpu")) == 2 * gib - (gib - gib // 4)
+    write_cgroup(mount, {"memory.limit_in_bytes": "9223372036854771712\n"})  # v1's "no limit"
+    assert free_memory(torch.device("cpu")) == 8 * gib
 
 
 def test_gradient_start_finds_the_top_eigenvalue_in_fewer_products():

@@ -1,8 +1,14 @@
 """Hessian sharpness (Lanczos, power iteration, Hutchinson, SLQ) and filter-normalized loss landscapes."""
 
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 from medgcsam.sharpness.compute import compute_landscape, compute_sharpness, fixed_batches, log_sharpness
 from medgcsam.sharpness.landscape import Landscape, loss_landscape_1d, loss_landscape_2d, random_direction
-from medgcsam.sharpness.operator import HessianOperator, exact_numerics, preserved_state
+from medgcsam.sharpness.operator import Batch, Criterion, HessianOperator, exact_numerics, preserved_state
 from medgcsam.sharpness.spectrum import (
     Density,
     Eigen,
@@ -16,11 +22,11 @@ from medgcsam.sharpness.spectrum import (
 )
 
 
-def hvp(model, batches, v, criterion=None, method: str = "rev"):
+def hvp(model: nn.Module, batches: Sequence[Batch], v: torch.Tensor, criterion: Criterion | None = None,
+        method: str = "rev") -> torch.Tensor:
     """One Hessian-vector product of the mean loss over ``batches`` with a flat vector ``v``."""
-    op = HessianOperator(model, batches, method=method) if criterion is None else \
-        HessianOperator(model, batches, criterion, method=method)
-    return op(v)
+    criterion = F.cross_entropy if criterion is None else criterion
+    return HessianOperator(model, batches, criterion, method=method, graph_memory=0)(v)  # nothing to reuse
 
 
 __all__ = [

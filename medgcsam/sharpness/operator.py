@@ -9,8 +9,9 @@ Two HVP methods, both exact:
   and kept, so every further HVP costs one extra backward (PyHessian's trick, minus its ``.grad``
   reference cycle): about 1.45x faster per product than rebuilding it (resnet18, 96 px, batch 64, CPU).
   With several batches that holds only while all their graphs fit in ``graph_memory`` bytes (default:
-  half of the memory free on the device), measured on the first graph built; otherwise each graph is
-  rebuilt per product, as PyHessian's multi-batch mode always does.
+  half of the memory free on the device), judged on the first graph built (``medgcsam.sharpness.memory``);
+  otherwise each graph is rebuilt per product, as PyHessian's multi-batch mode always does. Kept graphs
+  are dropped when a parameter changes (in place or by ``.data`` assignment).
 - ``"fwd"``  forward-over-reverse, ``jvp(grad(loss))`` via ``torch.func`` (less memory, no retained
   graph; needs forward-AD formulas for every op).
 Fused attention kernels support neither, so every HVP runs under the math SDPA backend, and TF32
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from medgcsam.sharpness.memory import free_memory, graph_bytes
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -74,8 +77,9 @@ class HessianOperator:
     """``H v`` for the mean ``criterion(model(x), y)`` over ``batches`` (staged on ``device`` once).
 
     The model's mode is used as is; :func:`compute_sharpness` puts it in eval mode (BN running
-    statistics, no dropout), which is what makes the operator deterministic. ``hvp_count`` counts
-    products, one per call whatever the number of batches.
+    statistics, no dropout), which is what makes the operator deterministic (in train mode a kept graph
+    would also keep one dropout mask). ``hvp_count`` counts products, one per call whatever the number
+    of batches.
     """
 
     def __init__(self, model: nn.Module, batches: Sequence[Batch], criterion: Criterion = F.cross_entropy, *,
@@ -101,6 +105,7 @@ class HessianOperator:
         self.graph_memory = graph_memory
         self.graphs_kept: bool | None = None  # "rev": decided when the first graph is built
         self._graphs: list[list[torch.Tensor] | None] = [None] * len(self.batches)
+        self._graphs_at: list[tuple[int, int]] = []  # (data_ptr, version) of each parameter when they were built
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views of a flat vector shaped like the parameters (parameters_to_vector order)."""
@@ -151,16 +156,34 @@ class HessianOperator:
 
     def _graph(self, i: int) -> list[torch.Tensor]:
         """Batch ``i``'s first-order graph: the kept one, or a new one (kept if all of them fit)."""
+        weights = [(p.data_ptr(), p._version) for p in self.params]
+        if weights != self._graphs_at:  # kept graphs hold the old weights' activations
+            self._graphs, self._graphs_at = [None] * len(self.batches), weights
         grads = self._graphs[i]
-        if grads is None:
-            grads = self._first_order(*self.batches[i])
-            if self.graphs_kept is None:
-                others = graph_bytes(grads) * (len(self.batches) - 1)
-                budget = free_memory(self.device) // 2 if self.graph_memory is None else self.graph_memory
-                self.graphs_kept = others <= budget
-            if self.graphs_kept:
-                self._graphs[i] = grads
+        if grads is not None:
+            return grads
+        before = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        grads = self._first_order(*self.batches[i])
+        if self.graphs_kept is None:
+            self.graphs_kept = self._all_fit(i, grads, before)
+        if self.graphs_kept:
+            self._graphs[i] = grads
         return grads
+
+    def _all_fit(self, i: int, grads: list[torch.Tensor], allocated_before: int) -> bool:
+        """Would the other batches' graphs fit beside this one? Scaled by sample count from batch ``i``."""
+        if len(self.batches) == 1:
+            return True  # keeping the only graph costs no more than rebuilding it
+        if self.graph_memory == 0:
+            return False
+        x, y = self.batches[i]
+        if self.device.type == "cuda":  # exact, and reads no saved tensor (checkpointing would recompute)
+            size = torch.cuda.memory_allocated(self.device) - allocated_before
+        else:
+            size = graph_bytes(grads, exclude=[*self.params, x, y])
+        others = size * (self.total - len(y)) / len(y)
+        budget = free_memory(self.device) // 2 if self.graph_memory is None else self.graph_memory
+        return others <= budget
 
     def _hvp_rev(self, i: int, parts: list[torch.Tensor]) -> Sequence[torch.Tensor]:
         grads = self._graph(i)  # decides graphs_kept on the first call
@@ -175,61 +198,3 @@ class HessianOperator:
 
         primals = tuple(p.detach() for p in self.params)
         return jvp(grad(loss_of), (primals,), (tuple(parts),))[1]
-
-
-def graph_bytes(outputs: Sequence[torch.Tensor]) -> int:
-    """Bytes an autograd graph keeps alive: the outputs plus every distinct storage its nodes saved.
-
-    Read from the nodes' ``_saved_*`` attributes, not from saved-tensor hooks: an identity pack hook
-    puts a node's own output in a reference cycle, which leaked a graph per call until ``gc`` ran."""
-    storages: dict[int, int] = {}
-    seen: set[object] = set()
-    stack = [t.grad_fn for t in outputs]
-    for t in outputs:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        for name in dir(node):
-            if not name.startswith("_saved_"):
-                continue
-            try:
-                value = getattr(node, name)
-            except RuntimeError:  # a saved tensor already freed
-                continue
-            for t in value if isinstance(value, tuple | list) else (value,):
-                if isinstance(t, torch.Tensor):
-                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        stack.extend(n for n, _ in node.next_functions)
-    return sum(storages.values())
-
-
-CGROUP_MEMORY_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                       ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free on ``device``: CUDA's own count; for the CPU, Linux's MemAvailable capped by the container's
-    cgroup limit (v2 or v1; MemAvailable alone shows the host's memory inside a container); else 0."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    found = []
-    meminfo = _read("/proc/meminfo")
-    for line in (meminfo or "").splitlines():
-        if line.startswith("MemAvailable:"):
-            found.append(int(line.split()[1]) * 1024)
-    for limit, usage in CGROUP_MEMORY_FILES:
-        cap, used = _read(limit), _read(usage)
-        if cap and used and cap.strip().isdigit() and used.strip().isdigit():
-            found.append(int(cap) - int(used))
-    return max(0, min(found)) if found else 0
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="ascii") as f:
-            return f.read()
-    except OSError:
-        return None
