@@ -72,10 +72,10 @@ def test_label_files_in_other_encodings_name_file_and_line(tmp_path):
     """A cp1252 label.csv or COVIDx label file raised a bare UnicodeDecodeError naming neither."""
     write_image(tmp_path / "img" / "café.png", synthetic_pixels(1))
     (tmp_path / "label.csv").write_bytes("name,label\ncafé,0\n".encode("cp1252"))
-    with pytest.raises(BuildError, match=r"label.csv line 2: not UTF-8 \(byte 0xe9\)"):
+    with pytest.raises(BuildError, match=r"label.csv: not UTF-8 \(byte 0xe9 on line 2\)"):
         build_manifest("gdph_sysucc", tmp_path)
     (tmp_path / "test.txt").write_bytes("p\xe91 café.png negative rsna\n".encode("latin-1"))
-    with pytest.raises(BuildError, match=r"test.txt line 1: not UTF-8"):
+    with pytest.raises(BuildError, match=r"test.txt: not UTF-8 \(byte 0x[0-9a-f]{2} on line 1\)"):
         build_manifest("covidx", tmp_path)
 
 

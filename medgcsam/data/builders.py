@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from medgcsam.data.io import IMAGE_SUFFIXES, find_images
-from medgcsam.data.manifest import MANIFEST_COLUMNS, file_sha256, normalize_manifest, read_csv_text
+from medgcsam.data.manifest import MANIFEST_COLUMNS, decode_utf8, file_sha256, normalize_manifest, read_csv_text
 
 MISSING_FILE = "file not found"
 
@@ -78,14 +78,7 @@ def _rows(records: list[dict]) -> pd.DataFrame:
 
 
 def _read_text(path: Path) -> str:
-    """A label file as text; a UTF-8 BOM is dropped (else it sticks to the first id), other encodings are an
-    error naming the file and line instead of a bare UnicodeDecodeError."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise BuildError(f"{path} line {line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); re-save it as UTF-8") from None
+    return decode_utf8(path.read_bytes(), path, BuildError)
 
 
 def _read_table(path: Path) -> pd.DataFrame:

@@ -31,15 +31,21 @@ def _decode(raw: bytes, path: Path, encoding: str | None) -> str:
             return raw.decode(encoding)
         except (UnicodeDecodeError, LookupError) as exc:
             raise ManifestError(f"{path}: cannot be read as {encoding}: {exc}") from None
+    return decode_utf8(raw, path, encoding_option=True)
+
+
+def decode_utf8(raw: bytes, path: Path, error: type[ValueError] = ManifestError, *,
+                encoding_option: bool = False) -> str:
+    """UTF-8 text with any BOM dropped (else it sticks to the first value); other encodings are an ``error``
+    naming the file, line and likely encoding instead of a bare UnicodeDecodeError."""
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         guess = _guess_encoding(raw)
-        raise ManifestError(
-            f"{path}: not UTF-8 (byte 0x{raw[exc.start]:02x} on line {line}); it decodes as {guess}: "
-            f"re-save it as UTF-8 or pass --encoding {guess}"
-        ) from None
+        fix = f"re-save it as UTF-8 or pass --encoding {guess}" if encoding_option else "re-save it as UTF-8"
+        raise error(f"{path}: not UTF-8 (byte 0x{raw[exc.start]:02x} on line {line}); it decodes as {guess}: "
+                    f"{fix}") from None
 
 
 def _guess_encoding(raw: bytes) -> str:

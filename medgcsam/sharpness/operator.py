@@ -138,7 +138,7 @@ class HessianOperator:
         with exact_numerics():
             for i, (x, y) in enumerate(self.batches):
                 if self.method == "rev":
-                    grads = [g.detach() for g in self._graph(i)]
+                    grads = self._graph(i)  # _flat detaches
                 else:
                     loss = self.criterion(self.model(x), y)
                     grads = torch.autograd.grad(loss, self.params, allow_unused=True, materialize_grads=True)

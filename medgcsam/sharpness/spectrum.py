@@ -35,12 +35,17 @@ MatVec = Callable[[torch.Tensor], torch.Tensor]
 _CHUNK = 1 << 16
 
 
+def _chunked_matvec(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``q @ w`` (``q`` a vector or basis rows) accumulated in float64 over 65 536-element chunks."""
+    if w.dtype == torch.float64:
+        return q @ w
+    parts = [x @ y for x, y in zip(q.split(_CHUNK, dim=-1), w.split(_CHUNK), strict=True)]
+    return torch.stack(parts).sum(0, dtype=torch.float64)
+
+
 def _dot_tensor(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a . b`` as a 0-dim float64 tensor on the vectors' device (no host sync), accurate to ~1e-9."""
-    if a.dtype == torch.float64:
-        return torch.dot(a, b)
-    return torch.stack([torch.dot(x, y) for x, y in zip(a.split(_CHUNK), b.split(_CHUNK), strict=True)]).sum(
-        dtype=torch.float64)
+    return _chunked_matvec(a, b)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,10 +54,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _coefficients(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``q @ w`` for basis rows ``q``, accumulated like :func:`_dot_tensor` and returned in ``w``'s dtype."""
-    if w.dtype == torch.float64:
-        return q @ w
-    parts = torch.stack([x @ y for x, y in zip(q.split(_CHUNK, dim=1), w.split(_CHUNK), strict=True)])
-    return parts.sum(0, dtype=torch.float64).to(w.dtype)
+    return _chunked_matvec(q, w).to(w.dtype)
 
 
 def _norm(a: torch.Tensor) -> float:
@@ -110,12 +112,13 @@ def lanczos(matvec: MatVec, v0: torch.Tensor, steps: int,
         if j:
             w.add_(basis[j - 1], alpha=-run.betas[-1])
         q = basis[: j + 1]
+        norm = _norm(w)
         for _ in range(2):  # DGKS: at most one repeat
-            norm = _norm(w)
             w.addmv_(q.T, _coefficients(q, w), alpha=-1)
             beta = _norm(w)
             if beta >= norm / 2**0.5:
                 break
+            norm = beta  # the repeat starts from this vector
         run.betas.append(beta)
         run.basis = q
         if beta <= breakdown * max(abs(a) for a in run.alphas) or j + 1 == steps or (stop and stop(run)):
