@@ -19,6 +19,7 @@ from medgcsam.sharpness import (
     hutchinson_trace,
     lanczos,
     lanczos_top_eigs,
+    measured_residuals,
     power_iteration,
     slq_density,
     start_vector,
@@ -191,6 +192,20 @@ def test_lanczos_basis_stays_orthonormal_in_float32_after_convergence():
     theta, _ = run.ritz()
     assert np.sum(np.abs(theta - 1000.0) < 1e-2) == 1  # no ghost copy of the top eigenvalue
     assert theta[-1] == pytest.approx(1000.0, rel=1e-6)
+
+
+def test_measured_residual_is_what_the_vector_satisfies_not_exact_arithmetic():
+    """Lanczos's estimate |beta_m s_m| kept shrinking to ~1e-11 on a float32 operator whose products carry
+    ~1e-4 of rounding; the measured residual reports the latter, and needs the Ritz vectors."""
+    a = designed(np.r_[1000.0, 10.0, np.linspace(-1, 1, 198)], seed=5).float()
+    res = lanczos_top_eigs(lambda v: a @ v, 200, k=1, max_steps=40, tol=1e-12, return_vectors=True)
+    measured = measured_residuals(lambda v: a @ v, res)
+    u = res.vectors[0].double() / torch.linalg.norm(res.vectors[0].double())
+    direct = float(torch.linalg.norm(a.double() @ u - res.values[0] * u))  # float64 product, same vector
+    assert measured[0] == pytest.approx(direct, rel=0.5)
+    assert res.converged and res.residuals[0] < 1e-5 * measured[0]
+    with pytest.raises(ValueError, match="return_vectors=True"):
+        measured_residuals(lambda v: a @ v, lanczos_top_eigs(lambda v: a @ v, 200, k=1, max_steps=40))
 
 
 def test_lanczos_float32_at_network_size_is_accurate():
@@ -485,7 +500,7 @@ def test_compute_sharpness_restores_model_and_logs_counts(backbone, size, tmp_pa
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert m["hessian_n_samples"] == 4 and m["hessian_n_params"] == sum(p.numel() for p in model.parameters())
     assert m["hessian_top_eig"] >= m["hessian_top_eig_2"]
-    assert 2 + 2 + 1 <= m["hessian_hvp_count"] <= 6 + 2 + 4
+    assert 2 + 2 + 2 + 1 <= m["hessian_hvp_count"] <= 6 + 2 + 2 + 4  # Lanczos, measured residuals, trace, SLQ
     assert np.isfinite([m["hessian_trace"], m["hessian_esd_std"], m["hessian_wall_s"]]).all()
     assert {p.name for p in tmp_path.iterdir()} >= {"sharpness.json", "esd.npz", "esd_density.png"}
     assert json.loads((tmp_path / "sharpness.json").read_text())["first_order_graphs_kept"] is True  # 2 small batches
@@ -504,8 +519,24 @@ def test_top_eigenvalue_only_skips_trace_and_density(tmp_path):
                              out_dir=tmp_path)
     assert only["hessian_top_eig"] == full["hessian_top_eig"]
     assert only["hessian_hvp_count"] == full["hessian_hvp_count"] - 3 - 5
+    record = json.loads((tmp_path / "sharpness.json").read_text())
+    # a float64 model: the residual measured with one more product agrees with Lanczos's estimate
+    assert record["residuals"][0] == only["hessian_top_eig_residual"]
+    assert record["residuals"][0] == pytest.approx(record["lanczos_residual_estimates"][0], rel=1e-4, abs=1e-12)
+    assert only["hessian_top_eig_converged"] == 1.0
     assert not any(k.startswith(("hessian_trace", "hessian_esd")) for k in only)
     assert {p.name for p in tmp_path.iterdir()} == {"sharpness.json"}
+
+
+def test_a_tolerance_below_float32_rounding_is_not_reported_as_converged(tmp_path):
+    model = conv_bn().float()
+    x, y = data(10, (2, 6, 6), dtype=torch.float32)
+    cfg = SharpnessConfig(n_samples=10, batch_size=10, top_k=1, lanczos_steps=60, tol=1e-12, trace_probes=0,
+                          density_probes=0)
+    m = compute_sharpness(model, torch.utils.data.TensorDataset(x, y), cfg, out_dir=tmp_path)
+    estimate = json.loads((tmp_path / "sharpness.json").read_text())["lanczos_residual_estimates"][0]
+    assert estimate <= 1e-12 * m["hessian_top_eig"] < m["hessian_top_eig_residual"]
+    assert m["hessian_top_eig_converged"] == 0.0
 
 
 def test_compute_sharpness_seeded_and_matches_solvers():

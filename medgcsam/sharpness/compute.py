@@ -24,7 +24,15 @@ from medgcsam.evaluation.predict import split_batch
 from medgcsam.sharpness.landscape import Landscape, loss_landscape_1d, loss_landscape_2d
 from medgcsam.sharpness.operator import Batch, HessianOperator, preserved_state
 from medgcsam.sharpness.plots import plot_density, plot_landscape
-from medgcsam.sharpness.spectrum import Density, Eigen, hutchinson_trace, lanczos_top_eigs, power_iteration, slq_density
+from medgcsam.sharpness.spectrum import (
+    Density,
+    Eigen,
+    hutchinson_trace,
+    lanczos_top_eigs,
+    measured_residuals,
+    power_iteration,
+    slq_density,
+)
 
 
 def fixed_batches(data: Dataset | Iterable, n_samples: int, batch_size: int, seed: int = 0) -> list[Batch]:
@@ -50,7 +58,8 @@ def fixed_batches(data: Dataset | Iterable, n_samples: int, batch_size: int, see
 
 def compute_sharpness(model: nn.Module, data: Dataset | Iterable, cfg: SharpnessConfig,
                       device: torch.device | str = "cpu", out_dir: str | Path | None = None) -> dict[str, float]:
-    """Metrics ``hessian_top_eig`` (and ``_2``.. for top_k), residual, ``hessian_min_eig`` (Lanczos),
+    """Metrics ``hessian_top_eig`` (and ``_2``.. for top_k), its residual ``||H u - theta u||`` measured with one
+    more product per eigenvalue (Lanczos's estimate goes to ``sharpness.json``), ``hessian_min_eig`` (Lanczos),
     ``hessian_trace`` +- ``hessian_trace_se`` (unless ``trace_probes`` is 0), ``hessian_esd_{median,mean,std}``
     (unless ``density_probes`` is 0), ``hessian_hvp_count``, ``hessian_wall_s``. With ``out_dir``:
     ``sharpness.json``, and ``esd.npz`` and ``esd_density.png`` when the density was computed.
@@ -66,8 +75,12 @@ def compute_sharpness(model: nn.Module, data: Dataset | Iterable, cfg: Sharpness
         if cfg.method == "lanczos":
             direction = op.gradient() if cfg.start == "gradient" else None
             eig = lanczos_top_eigs(op, op.dim, cfg.top_k, max_steps=cfg.lanczos_steps, tol=cfg.tol,
-                                   start=direction, **common)
+                                   start=direction, return_vectors=True, **common)
+            estimates, eig.residuals = eig.residuals, measured_residuals(op, eig)
+            eig.converged &= all(r <= cfg.tol * abs(v) for r, v in zip(eig.residuals, eig.values, strict=True))
+            eig.vectors = None  # k x parameters floats, not needed past here
         else:
+            estimates = None  # power iteration's residuals are measured already
             eig = power_iteration(op, op.dim, cfg.top_k, max_iter=cfg.lanczos_steps, tol=cfg.tol, **common)
         trace = hutchinson_trace(op, op.dim, cfg.trace_probes, **common) if cfg.trace_probes else None
         density = (slq_density(op, op.dim, cfg.density_steps, cfg.density_probes, **common)
@@ -88,15 +101,16 @@ def compute_sharpness(model: nn.Module, data: Dataset | Iterable, cfg: Sharpness
         "hessian_hvp_count": float(op.hvp_count), "hessian_wall_s": time.perf_counter() - start,
     })
     if out_dir is not None:
-        _write_sharpness(Path(out_dir), metrics, cfg, density, eig, op.graphs_kept)
+        _write_sharpness(Path(out_dir), metrics, cfg, density, eig, estimates, op.graphs_kept)
     return metrics
 
 
 def _write_sharpness(out: Path, metrics: dict[str, float], cfg: SharpnessConfig, density: Density | None,
-                     eig: Eigen, graphs_kept: bool | None) -> None:
+                     eig: Eigen, estimates: list[float] | None, graphs_kept: bool | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     record = {"metrics": metrics, "settings": cfg.model_dump(), "top_eigenvalues": list(eig.values),
-              "residuals": list(eig.residuals), "precision": {"dtype": "float32", "tf32": False, "sdpa": "math"},
+              "residuals": list(eig.residuals), "lanczos_residual_estimates": estimates,
+              "precision": {"dtype": "float32", "tf32": False, "sdpa": "math"},
               "operator": "mean cross-entropy, eval mode, no weight decay, all trainable parameters",
               "first_order_graphs_kept": graphs_kept}
     (out / "sharpness.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
