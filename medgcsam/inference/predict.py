@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from medgcsam.data.datasets import BatchInputs, to_uint8
 from medgcsam.data.io import IMAGE_SUFFIXES, ImageReadError, find_images, read_image
 from medgcsam.data.transforms import deterministic_transforms
 from medgcsam.files import replace_atomically
@@ -101,14 +102,15 @@ def output_columns(spec: ModelSpec) -> list[str]:
 class ImageFolder(Dataset):
     """Reads and preprocesses one file in a worker; a failure is returned as a reason, never raised.
 
-    Preprocessing is the training pipeline's deterministic part, built from the spec the model carries.
+    Preprocessing is the training pipeline's deterministic part, built from the spec the model carries,
+    ending in uint8 as the training cache does; ``BatchInputs`` normalizes the batch as training does.
     """
 
     def __init__(self, root: Path, paths: Sequence[str], spec: ModelSpec):
         pre = spec.preprocessing
         # absolute, so that removing it from a message cannot hit a word that happens to equal a relative root
         self.root, self.paths, self.multiframe = Path(root).absolute(), list(paths), pre.dicom_multiframe
-        self.transform = deterministic_transforms(pre, pre.modality, multiframe=pre.dicom_multiframe)
+        self.transform = deterministic_transforms(pre, pre.modality, normalize=False, multiframe=pre.dicom_multiframe)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -117,7 +119,7 @@ class ImageFolder(Dataset):
         rel = self.paths[index]
         try:
             image = read_image(self.root / rel, multiframe=self.multiframe)
-            tensor = self.transform({"image": image})["image"]
+            tensor = to_uint8(self.transform({"image": image})["image"])
         except ImageReadError as exc:
             return rel, None, self._relative(str(exc), rel)
         except Exception as exc:  # noqa: BLE001 - any per-file failure must become an error row, not stop the job
@@ -191,7 +193,7 @@ def predict(
         model = model.to(memory_format=torch.channels_last)
     loader = DataLoader(ImageFolder(input_dir, todo, spec), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=collate_with_failures, pin_memory=device.type == "cuda")
-    classes, thr = spec.class_names, spec.threshold
+    classes, thr, inputs = spec.class_names, spec.threshold, BatchInputs(spec.preprocessing, device)
 
     failures: list[tuple[str, str]] = []
     bar = tqdm(total=len(todo), unit="img", disable=not progress or not todo, desc="predict")
@@ -201,7 +203,7 @@ def predict(
         for batch_paths, images, batch_failures in loader:
             failures += batch_failures
             if images is not None:
-                probs = forward_probabilities(model, images, device, amp)
+                probs = forward_probabilities(model, inputs(images), device, amp)
                 for rel, label, p in zip(batch_paths, probs.argmax(dim=1).tolist(), probs.tolist(), strict=True):
                     rel = display_path(rel)
                     row = [rel, classes[label], *(f"{v:.6f}" for v in p)]
