@@ -1,4 +1,4 @@
-"""The shipped BUSI sample and manifest stay consistent; the full BUSI check runs opt-in on real data."""
+"""The shipped BUSI sample and manifest stay consistent; BUSI and PneumoniaMNIST checks run opt-in on real data."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from medgcsam.data.arrays import export_arrays
 from medgcsam.data.builders import build_manifest
 from medgcsam.data.manifest import read_manifest
 from medgcsam.data.split import split_manifest
@@ -15,6 +16,8 @@ from medgcsam.data.validate import validate_manifest
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data_manifests" / "samples"
 BUSI = Path(os.environ.get("MEDGCSAM_BUSI", REPO.parent / "shared" / "data" / "busi"))
+PNEUMONIAMNIST = REPO.parent / "shared" / "data" / "pneumoniamnist.npz"
+OPTED_IN = os.environ.get("MEDGCSAM_REAL_DATA") == "1"
 
 
 def test_busi_mini_is_small_valid_and_rebuildable():
@@ -32,7 +35,7 @@ def test_busi_mini_is_small_valid_and_rebuildable():
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(os.environ.get("MEDGCSAM_REAL_DATA") != "1" or not BUSI.is_dir(),
+@pytest.mark.skipif(not OPTED_IN or not BUSI.is_dir(),
                     reason="opt-in: MEDGCSAM_REAL_DATA=1 with BUSI at ../shared/data/busi")
 def test_real_busi_build_split_validate():
     df = build_manifest("busi", BUSI).frame
@@ -46,3 +49,20 @@ def test_real_busi_build_split_validate():
     codes = [i.code for i in report.errors]
     assert codes.count("duplicate-conflicting-labels") == 1 and "duplicate-across-splits" not in codes
     assert "patient-across-splits" not in codes and "missing-file" not in codes and len(committed) == 780
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not OPTED_IN or not PNEUMONIAMNIST.is_file(),
+                    reason="opt-in: MEDGCSAM_REAL_DATA=1 with ../shared/data/pneumoniamnist.npz")
+def test_real_pneumoniamnist_export_finds_the_published_leak_and_matches_the_committed_manifest(tmp_path):
+    df = export_arrays(PNEUMONIAMNIST, tmp_path, ["normal", "pneumonia"], source="pneumoniamnist")
+    counts = df.groupby(["split", "label"]).size().to_dict()
+    assert counts == {("train", "normal"): 1214, ("train", "pneumonia"): 1214, ("val", "normal"): 135,
+                      ("val", "pneumonia"): 135, ("test", "normal"): 234, ("test", "pneumonia"): 234}
+    published = validate_manifest(tmp_path / "manifest.csv", task="pneumonia_binary", max_distance=0)
+    assert [i.code for i in published.errors].count("duplicate-across-splits") == 3  # byte-identical train/val
+    # the committed manifest is this export after `manifest split --max-distance 2` and one exclusion;
+    # the export is deterministic, so every sha256 still matches
+    committed = validate_manifest(REPO / "data_manifests" / "pneumoniamnist.csv", root=tmp_path,
+                                  task="pneumonia_binary", max_distance=2)
+    assert committed.ok, committed.render()

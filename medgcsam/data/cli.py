@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from medgcsam.data.arrays import ArrayExportError, export_arrays
 from medgcsam.data.builders import BuildError, build_manifest, list_formats
 from medgcsam.data.duplicates import DEFAULT_PHASH_DISTANCE
 from medgcsam.data.manifest import ManifestError, read_manifest, resolve_root, write_manifest
@@ -44,6 +45,22 @@ def build_command(
         typer.echo(note)
     write_manifest(df, out)
     typer.echo(f"wrote {len(df)} rows to {out}")
+
+
+@manifest_app.command("export-npz")
+def export_npz_command(
+    npz: Path = typer.Argument(..., help="Arrays <split>_images / <split>_labels (MedMNIST layout)"),
+    out: Path = typer.Option(..., "-o", "--out", help="New folder for the PNGs and manifest.csv"),
+    classes: str = typer.Option(..., help="Comma-separated class names, in label-index order (0 first)"),
+    source: str = typer.Option(None, help="Value of the source column (default: the file's stem)"),
+) -> None:
+    """Write image arrays (.npz) as PNG files plus a manifest that keeps the published split."""
+    try:
+        df = export_arrays(npz, out, [c.strip() for c in classes.split(",")], source=source or npz.stem)
+    except ArrayExportError as exc:
+        _fail(exc)
+    typer.echo(df.groupby(["split", "label"]).size().unstack(fill_value=0).to_string())
+    typer.echo(f"wrote {len(df)} PNGs and {out / 'manifest.csv'}")
 
 
 @manifest_app.command("merge")
