@@ -22,6 +22,7 @@ from medgcsam.data.datasets import build_datasets
 from medgcsam.data.manifest import read_manifest, write_manifest
 from medgcsam.evaluation import choose_threshold, evaluate, log_evaluation
 from medgcsam.evaluation.metrics import binary_counts
+from medgcsam.evaluation.report import write_report
 from medgcsam.models.factory import create_model, input_spec
 from medgcsam.models.spec import ModelSpec, Preprocessing
 from tests.helpers_images import make_manifest
@@ -95,6 +96,11 @@ def test_evaluate_figures_match_predictions(setup):
     assert saved["threshold"]["value"] == thr.value
     report = (out / "report.md").read_text()
     assert "Operating point: p(malignant) >=" in report and "| malignant |" in report
+    assert "no patient ids" not in report
+    for split in saved["splits"].values():  # the same figures from a manifest without patient ids
+        split["n_patients"] = None
+    anonymous = write_report(saved, out / "anonymous.md").read_text()
+    assert "The manifest has no patient ids, so images, not patients, are resampled" in anonymous
 
 
 def test_evaluate_needs_validation_split_and_known_positive_class(setup):
