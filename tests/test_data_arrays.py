@@ -42,15 +42,41 @@ def test_export_writes_each_image_losslessly_with_its_split_and_label(tmp_path):
     assert validate_manifest(tmp_path / "out" / "manifest.csv", classes=["normal", "pneumonia"]).ok
 
 
-def test_export_never_overwrites_a_manifest_and_rejects_bad_class_names(tmp_path):
+def test_export_writes_only_into_a_new_or_empty_folder(tmp_path):
     np.savez(tmp_path / "set.npz", **_arrays())
     export_arrays(tmp_path / "set.npz", tmp_path / "out", ["a", "b"], source="toy")
-    before = (tmp_path / "out" / "manifest.csv").read_bytes()
-    with pytest.raises(ArrayExportError, match="manifest.csv exists; export into a new folder"):
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*"))
+    manifest = (tmp_path / "out" / "manifest.csv").read_bytes()
+    with pytest.raises(ArrayExportError, match="exists and is not an empty folder"):
         export_arrays(tmp_path / "set.npz", tmp_path / "out", ["b", "a"], source="toy")
-    assert (tmp_path / "out" / "manifest.csv").read_bytes() == before
-    with pytest.raises(ArrayExportError, match="distinct"):
-        export_arrays(tmp_path / "set.npz", tmp_path / "new", ["a", "a"], source="toy")
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*")) == before
+    assert (tmp_path / "out" / "manifest.csv").read_bytes() == manifest
+    (tmp_path / "out" / "manifest.csv").unlink()  # what an interrupted export leaves: PNGs, no manifest
+    with pytest.raises(ArrayExportError, match="interrupted export leaves one without manifest.csv: delete it"):
+        export_arrays(tmp_path / "set.npz", tmp_path / "out", ["b", "a"], source="toy")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ArrayExportError, match="a_file exists and is not an empty folder"):
+        export_arrays(tmp_path / "set.npz", tmp_path / "a_file", ["a", "b"], source="toy")
+    (tmp_path / "empty").mkdir()
+    assert len(export_arrays(tmp_path / "set.npz", tmp_path / "empty", ["a", "b"], source="toy")) == 8
+
+
+@pytest.mark.parametrize(("classes", "message"), [
+    (["../../escaped", "ok"], "cannot be a folder name"),
+    (["/tmp/absolute", "ok"], "cannot be a folder name"),
+    (["..", "ok"], "cannot be a folder name"),
+    (["a\\b", "ok"], "cannot be a folder name"),
+    (["a\nb", "ok"], "cannot be a folder name"),
+    (["nul\0", "ok"], "cannot be a folder name"),
+    (["x" * 101, "ok"], "cannot be a folder name"),
+    ([" a", "a"], "must be distinct"),
+    (["Normal", "normal"], "differ only in case"),
+])
+def test_class_names_that_are_not_one_safe_folder_name_are_refused_before_writing(tmp_path, classes, message):
+    np.savez(tmp_path / "set.npz", **_arrays())
+    with pytest.raises(ArrayExportError, match=message):
+        export_arrays(tmp_path / "set.npz", tmp_path / "trav" / "out", classes, source="toy")
+    assert not (tmp_path / "trav").exists() and not (tmp_path / "escaped").exists()
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -62,6 +88,13 @@ def test_export_never_overwrites_a_manifest_and_rejects_bad_class_names(tmp_path
     ({"train_images": np.zeros((5, 12, 10), dtype=np.float32)}, "float32; store 8-bit images"),
     ({"train_images": np.zeros((5, 12), dtype=np.uint8)}, r"shape \(5, 12\); expected \(N, H, W\)"),
     ({"test_labels": None}, "has 'test_images' but not 'test_labels'"),
+    ({"train_images": np.zeros((5, 12, 0), dtype=np.uint8)}, "with H and W at least 1"),
+    ({"valid_images": np.zeros((2, 4, 4), dtype=np.uint8), "valid_labels": np.zeros(2, dtype=int)},
+     r"holds \['valid_images', 'valid_labels'\], which would not be exported"),
+    ({"train_masks": np.zeros((5, 12, 10), dtype=np.uint8)}, r"holds \['train_masks'\]"),
+    ({"train_images": np.zeros((0, 12, 10), dtype=np.uint8), "train_labels": np.zeros(0, dtype=int),
+      "test_images": np.zeros((0, 12, 10), dtype=np.uint8), "test_labels": np.zeros(0, dtype=int)},
+     "every split is empty"),
 ])
 def test_each_bad_array_names_the_file_the_array_and_the_fix(tmp_path, change, message):
     arrays = {**_arrays(), **change}
@@ -78,8 +111,14 @@ def test_pickled_objects_unknown_keys_and_non_npz_files_are_refused(tmp_path):
     with pytest.raises(ArrayExportError, match="hold Python objects"):
         export_arrays(tmp_path / "objects.npz", tmp_path / "o1", ["a", "b"], source="toy")
     np.savez(tmp_path / "other.npz", x=np.zeros(3), y=np.zeros(3))
-    with pytest.raises(ArrayExportError, match=r"no '<split>_images'.*it holds \['x', 'y'\]"):
+    with pytest.raises(ArrayExportError, match=r"holds \['x', 'y'\], which would not be exported"):
         export_arrays(tmp_path / "other.npz", tmp_path / "o2", ["a", "b"], source="toy")
+    np.savez(tmp_path / "nothing.npz")
+    with pytest.raises(ArrayExportError, match=r"no '<split>_images'.*it holds \[\]"):
+        export_arrays(tmp_path / "nothing.npz", tmp_path / "o2", ["a", "b"], source="toy")
+    np.save(tmp_path / "single.npy", np.zeros((2, 4, 4), np.uint8))
+    with pytest.raises(ArrayExportError, match=r"a single array \(.npy\)"):
+        export_arrays(tmp_path / "single.npy", tmp_path / "o0", ["a", "b"], source="toy")
     (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(ArrayExportError, match="not a readable .npz file"):
         export_arrays(tmp_path / "broken.npz", tmp_path / "o3", ["a", "b"], source="toy")
@@ -94,7 +133,7 @@ def test_pickled_objects_unknown_keys_and_non_npz_files_are_refused(tmp_path):
     (tmp_path / "crc.npz").write_bytes(bytes(damaged))
     with pytest.raises(ArrayExportError, match="cannot be read.*re-copy"):
         export_arrays(tmp_path / "crc.npz", tmp_path / "o5", ["a", "b"], source="toy")
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
+    assert not any((tmp_path / f"o{i}").exists() for i in range(6))
 
 
 def test_cli_prints_counts_per_split_and_exits_2_with_the_reason(tmp_path):

@@ -17,13 +17,34 @@ import pandas as pd
 from PIL import Image
 
 from medgcsam.data.manifest import SPLITS, file_sha256, normalize_manifest, write_manifest
+from medgcsam.data.tasks import case_variants
+
+KEYS = [f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels")]
 
 
 class ArrayExportError(ValueError):
     """An array file that cannot be exported; the message names the file, the array and the fix."""
 
 
+def _class_names(classes: list[str]) -> list[str]:
+    """Stripped names, each safe as one folder name: they become ``<split>/<class>/`` under the output."""
+    names = [c.strip() for c in classes]
+    for name in names:
+        if (not name or name in (".", "..") or any(ch in name for ch in "/\\\0\n\r")
+                or len(name.encode()) > 100):
+            raise ArrayExportError(f"class name {name!r} cannot be a folder name; use 1-100 bytes without "
+                                   f"'/', '\\', line breaks or NUL, and not '.' or '..'")
+    if len(set(names)) != len(names):
+        raise ArrayExportError(f"class names must be distinct, got {names}")
+    if variants := case_variants(names):
+        raise ArrayExportError(f"class names {variants} differ only in case, which training refuses; pick one spelling")
+    return names
+
+
 def _split_arrays(data: np.lib.npyio.NpzFile, path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    if unknown := sorted(set(data.files) - set(KEYS)):
+        raise ArrayExportError(f"{path}: holds {unknown}, which would not be exported; keep only {KEYS} "
+                               f"(rename other split names, e.g. valid_* to val_*)")
     found = {}
     for split in SPLITS:
         keys = (f"{split}_images", f"{split}_labels")
@@ -50,8 +71,9 @@ def _check(split: str, images: np.ndarray, labels: np.ndarray, classes: list[str
     where = f"{path}: {split}_images"
     if images.dtype != np.uint8:
         raise ArrayExportError(f"{where} is {images.dtype}; store 8-bit images (uint8, 0-255)")
-    if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3))):
-        raise ArrayExportError(f"{where} has shape {images.shape}; expected (N, H, W), (N, H, W, 1) or (N, H, W, 3)")
+    if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3))) or 0 in images.shape[1:3]:
+        raise ArrayExportError(f"{where} has shape {images.shape}; expected (N, H, W), (N, H, W, 1) or (N, H, W, 3) "
+                               f"with H and W at least 1")
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.ndim != 1:
@@ -72,23 +94,27 @@ def export_arrays(npz: str | Path, out_dir: str | Path, classes: list[str], *, s
     """Write ``out_dir/<split>/<class>/<split>_<index>.png`` and ``out_dir/manifest.csv``; return the manifest.
 
     ``classes[i]`` names label index ``i``. Paths are relative to ``out_dir`` (the manifest's folder), the
-    published split goes in ``split`` and every file's sha256 is recorded. An existing manifest is never
-    overwritten: export into a new folder. The manifest is written last, so an interrupted export leaves
-    no manifest that lists missing files.
+    published split goes in ``split`` and every file's sha256 is recorded. ``out_dir`` must be new or
+    empty, so no earlier file can mix with this export's. The manifest is written last: an interrupted
+    export leaves no manifest, and its folder is to be deleted before trying again.
     """
     npz, out_dir = Path(npz), Path(out_dir)
-    if len(set(classes)) != len(classes) or any(not c.strip() for c in classes):
-        raise ArrayExportError(f"class names must be distinct and non-empty, got {classes}")
-    manifest = out_dir / "manifest.csv"
-    if manifest.exists():
-        raise ArrayExportError(f"{manifest} exists; export into a new folder (nothing was written)")
+    classes = _class_names(classes)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ArrayExportError(f"{out_dir} exists and is not an empty folder; export into a new folder (an "
+                               f"interrupted export leaves one without manifest.csv: delete it and run again)")
     try:
         data = np.load(npz, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # truncated or not a zip at all
         raise ArrayExportError(f"{npz}: not a readable .npz file ({exc}); re-copy or re-save it") from exc
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ArrayExportError(f"{npz}: a single array (.npy), not an .npz of <split>_images/<split>_labels; "
+                               f"save it with numpy.savez(train_images=..., train_labels=..., ...)")
     with data:
         splits = _split_arrays(data, npz)
         checked = {s: (images, _check(s, images, labels, classes, npz)) for s, (images, labels) in splits.items()}
+    if not any(len(images) for images, _ in checked.values()):
+        raise ArrayExportError(f"{npz}: every split is empty; there is nothing to export")
     rows = []
     for split, (images, labels) in checked.items():
         width = len(str(len(images) - 1))
@@ -100,5 +126,5 @@ def export_arrays(npz: str | Path, out_dir: str | Path, classes: list[str], *, s
             rows.append({"path": rel.as_posix(), "label": classes[label], "source": source, "split": split,
                          "sha256": file_sha256(out_dir / rel)})
     df = normalize_manifest(pd.DataFrame.from_records(rows), origin=str(npz))
-    write_manifest(df, manifest)
+    write_manifest(df, out_dir / "manifest.csv")
     return df
