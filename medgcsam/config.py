@@ -190,6 +190,13 @@ class SharpnessConfig(_Strict):
         "them per product (a single batch's graph is always kept: rebuilding it would save no memory)")
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _enough_lanczos_steps(self) -> SharpnessConfig:
+        if self.method == "lanczos" and self.top_k > self.lanczos_steps:
+            raise ValueError(f"top_k={self.top_k} needs lanczos_steps >= {self.top_k} (got {self.lanczos_steps}): "
+                             f"Lanczos finds at most one eigenvalue per step")
+        return self
+
 
 class PipelineConfig(_Strict):
     """A whole pipeline: data, model, optimizer, loop, tracking, evaluation, sharpness."""

@@ -97,10 +97,11 @@ def test_evaluate_figures_match_predictions(setup):
     report = (out / "report.md").read_text()
     assert "Operating point: p(malignant) >=" in report and "| malignant |" in report
     assert "no patient ids" not in report
-    for split in saved["splits"].values():  # the same figures from a manifest without patient ids
-        split["n_patients"] = None
+    saved["splits"]["test"]["n_patients"] = None  # ids in validation are what the note is about
+    assert "no patient ids" not in write_report(saved, out / "test_only.md").read_text()
+    saved["splits"]["val"]["n_patients"] = None
     anonymous = write_report(saved, out / "anonymous.md").read_text()
-    assert "The manifest has no patient ids, so images, not patients, are resampled" in anonymous
+    assert "The validation split has no patient ids, so its images, not patients, are resampled" in anonymous
 
 
 def test_evaluate_needs_validation_split_and_known_positive_class(setup):

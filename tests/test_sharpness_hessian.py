@@ -15,6 +15,7 @@ from torch.func import functional_call
 from medgcsam.config import SharpnessConfig
 from medgcsam.sharpness import (
     HessianOperator,
+    certified,
     compute_sharpness,
     hutchinson_trace,
     lanczos,
@@ -206,6 +207,24 @@ def test_measured_residual_is_what_the_vector_satisfies_not_exact_arithmetic():
     assert res.converged and res.residuals[0] < 1e-5 * measured[0]
     with pytest.raises(ValueError, match="return_vectors=True"):
         measured_residuals(lambda v: a @ v, lanczos_top_eigs(lambda v: a @ v, 200, k=1, max_steps=40))
+
+
+def test_an_eigenvalue_at_zero_can_be_certified():
+    """A relative test alone can never pass at theta ~ 0 once residuals are measured in float32 (1e-7 against
+    theta = 1e-8); ARPACK's floor eps**(2/3) lets it, and still refuses a residual above tol times that floor."""
+    d = torch.tensor([0.0, -1.0, -2.0, -3.0, -5.0])
+    res = lanczos_top_eigs(lambda v: v * d, 5, k=1, max_steps=5, tol=1e-2, return_vectors=True)
+    measured = measured_residuals(lambda v: v * d, res)
+    assert abs(res.values[0]) < 1e-6 and measured[0] > 1e-2 * abs(res.values[0])  # relative test fails
+    assert certified(measured, res.values, 1e-2, torch.float32)
+    assert not certified([1e-3], [0.0], 1e-2, torch.float32)
+    assert certified([9e-3], [1.0], 1e-2, torch.float32) and not certified([2e-2], [1.0], 1e-2, torch.float32)
+
+
+def test_top_k_beyond_the_lanczos_steps_is_refused_by_the_config():
+    with pytest.raises(ValueError, match="top_k=5 needs lanczos_steps >= 5"):
+        SharpnessConfig(top_k=5, lanczos_steps=3)
+    assert SharpnessConfig(top_k=5, lanczos_steps=3, method="power").top_k == 5  # power iterates per eigenvalue
 
 
 def test_lanczos_float32_at_network_size_is_accurate():
@@ -524,6 +543,7 @@ def test_top_eigenvalue_only_skips_trace_and_density(tmp_path):
     assert record["residuals"][0] == only["hessian_top_eig_residual"]
     assert record["residuals"][0] == pytest.approx(record["lanczos_residual_estimates"][0], rel=1e-4, abs=1e-12)
     assert only["hessian_top_eig_converged"] == 1.0
+    assert record["precision"]["dtype"] == "float64"  # the operator's, not a fixed label
     assert not any(k.startswith(("hessian_trace", "hessian_esd")) for k in only)
     assert {p.name for p in tmp_path.iterdir()} == {"sharpness.json"}
 

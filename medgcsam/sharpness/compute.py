@@ -27,6 +27,7 @@ from medgcsam.sharpness.plots import plot_density, plot_landscape
 from medgcsam.sharpness.spectrum import (
     Density,
     Eigen,
+    certified,
     hutchinson_trace,
     lanczos_top_eigs,
     measured_residuals,
@@ -77,7 +78,7 @@ def compute_sharpness(model: nn.Module, data: Dataset | Iterable, cfg: Sharpness
             eig = lanczos_top_eigs(op, op.dim, cfg.top_k, max_steps=cfg.lanczos_steps, tol=cfg.tol,
                                    start=direction, return_vectors=True, **common)
             estimates, eig.residuals = eig.residuals, measured_residuals(op, eig)
-            eig.converged &= all(r <= cfg.tol * abs(v) for r, v in zip(eig.residuals, eig.values, strict=True))
+            eig.converged &= certified(eig.residuals, eig.values, cfg.tol, op.dtype)
             eig.vectors = None  # k x parameters floats, not needed past here
         else:
             estimates = None  # power iteration's residuals are measured already
@@ -101,16 +102,16 @@ def compute_sharpness(model: nn.Module, data: Dataset | Iterable, cfg: Sharpness
         "hessian_hvp_count": float(op.hvp_count), "hessian_wall_s": time.perf_counter() - start,
     })
     if out_dir is not None:
-        _write_sharpness(Path(out_dir), metrics, cfg, density, eig, estimates, op.graphs_kept)
+        _write_sharpness(Path(out_dir), metrics, cfg, density, eig, estimates, op.graphs_kept, op.dtype)
     return metrics
 
 
 def _write_sharpness(out: Path, metrics: dict[str, float], cfg: SharpnessConfig, density: Density | None,
-                     eig: Eigen, estimates: list[float] | None, graphs_kept: bool | None) -> None:
+                     eig: Eigen, estimates: list[float] | None, graphs_kept: bool | None, dtype: torch.dtype) -> None:
     out.mkdir(parents=True, exist_ok=True)
     record = {"metrics": metrics, "settings": cfg.model_dump(), "top_eigenvalues": list(eig.values),
               "residuals": list(eig.residuals), "lanczos_residual_estimates": estimates,
-              "precision": {"dtype": "float32", "tf32": False, "sdpa": "math"},
+              "precision": {"dtype": str(dtype).removeprefix("torch."), "tf32": False, "sdpa": "math"},
               "operator": "mean cross-entropy, eval mode, no weight decay, all trainable parameters",
               "first_order_graphs_kept": graphs_kept}
     (out / "sharpness.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
