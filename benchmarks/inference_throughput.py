@@ -1,7 +1,7 @@
 """End-to-end `predict` throughput over real BUSI PNGs, as a fraction of the model's pure forward throughput.
 
-The limit is the forward pass alone on tensors preloaded in memory (same batch size, same
-``forward_probabilities`` path, same precision); end to end adds file listing, decoding and
+The limit is the forward pass alone on uint8 batches preloaded in memory (same batch size, same
+normalization and ``forward_probabilities`` path, same precision); end to end adds file listing, decoding and
 preprocessing in DataLoader workers, host-to-device copies and the CSV. Both are measured in this
 run, on this machine, so the printed fraction is what the target (>= 0.7) is about.
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from medgcsam.data.transforms import deterministic_transforms
-from medgcsam.inference.predict import find_images, forward_probabilities, predict
+from medgcsam.data.datasets import BatchInputs
+from medgcsam.inference.predict import ImageFolder, find_images, forward_probabilities, predict
 from medgcsam.models.factory import create_model, input_spec
 from medgcsam.models.spec import ModelSpec, Preprocessing, Threshold
 
@@ -87,18 +87,18 @@ def _fmt(values: list[float]) -> str:
 
 def forward_benchmark(model, spec: ModelSpec, data: Path, paths: list[str], args, device: torch.device):
     """A timer of the forward pass over the same images, decoded and preprocessed beforehand (the limit)."""
-    pre = spec.preprocessing
-    transform = deterministic_transforms(pre, pre.modality, multiframe=pre.dicom_multiframe)
-    images = torch.stack([transform({"image": data / rel})["image"] for rel in paths])
+    folder = ImageFolder(data, paths, spec)  # predict's own reading and uint8 preprocessing, done beforehand
+    images = torch.stack([folder[i][1] for i in range(len(paths))])
     batches = list(images.split(args.batch_size))
     if device.type == "cuda":
         batches = [b.pin_memory() for b in batches]  # as the DataLoader delivers them
-    forward_probabilities(model, batches[0], device, args.amp)  # warm-up (cuDNN autotune, allocator)
+    inputs = BatchInputs(spec.preprocessing, device)  # normalization on the device, as in predict
+    forward_probabilities(model, inputs(batches[0]), device, args.amp)  # warm-up (cuDNN autotune, allocator)
 
     def images_per_second() -> float:
         start = time.perf_counter()
         for batch in batches:
-            forward_probabilities(model, batch, device, args.amp)  # ends with .cpu(): synchronizes
+            forward_probabilities(model, inputs(batch), device, args.amp)  # ends with .cpu(): synchronizes
         return len(paths) / (time.perf_counter() - start)
 
     return images_per_second
