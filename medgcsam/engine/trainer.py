@@ -638,8 +638,9 @@ class _Training:
                 self._end_epoch(meter, time.perf_counter() - tick)
             model_uri, version = self._finish()
             status = "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
+        except BaseException as exc:
+            if interrupted(exc):
+                status = "KILLED"
             raise
         finally:
             if self.metrics_log is not None and self.metrics_log.pending:  # a failed run keeps its curves too
@@ -654,6 +655,18 @@ class _Training:
             checkpoint_dir=self.ckpt_dir, best_checkpoint=best if best.is_file() else None, model_uri=model_uri,
             registered_version=version, best_epoch=self.best_epoch + 1, metrics=metrics,
             epoch_times=list(self.epoch_times), wall_time=time.perf_counter() - self.started, model=self.raw)
+
+
+def interrupted(exc: BaseException | None) -> bool:
+    """Ctrl-C or SIGTERM, also when a library turned it into its own error on the way out: an interrupt inside
+    ``torch.save`` surfaces as the zip writer's RuntimeError, which would otherwise end the run FAILED."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
