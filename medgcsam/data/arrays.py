@@ -9,6 +9,8 @@ The file is read with ``allow_pickle=False``: an array of Python objects is refu
 
 from __future__ import annotations
 
+import hashlib
+import io
 import zipfile
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from medgcsam.data.manifest import SPLITS, file_sha256, normalize_manifest, write_manifest
+from medgcsam.data.manifest import SPLITS, normalize_manifest, write_manifest
 from medgcsam.data.tasks import case_variants
 
 KEYS = [f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels")]
@@ -117,14 +119,17 @@ def export_arrays(npz: str | Path, out_dir: str | Path, classes: list[str], *, s
         raise ArrayExportError(f"{npz}: every split is empty; there is nothing to export")
     rows = []
     for split, (images, labels) in checked.items():
+        for label in np.unique(labels):
+            (out_dir / split / classes[label]).mkdir(parents=True, exist_ok=True)
         width = len(str(len(images) - 1))
         for i, (image, label) in enumerate(zip(images, labels, strict=True)):
             rel = Path(split, classes[label], f"{split}_{i:0{width}d}.png")
-            (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            png = io.BytesIO()  # hashed as written, not read back
             Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image).save(
-                out_dir / rel)
+                png, format="PNG")
+            (out_dir / rel).write_bytes(png.getvalue())
             rows.append({"path": rel.as_posix(), "label": classes[label], "source": source, "split": split,
-                         "sha256": file_sha256(out_dir / rel)})
+                         "sha256": hashlib.sha256(png.getvalue()).hexdigest()})
     df = normalize_manifest(pd.DataFrame.from_records(rows), origin=str(npz))
     write_manifest(df, out_dir / "manifest.csv")
     return df

@@ -27,10 +27,8 @@ from medgcsam.sharpness.plots import plot_density, plot_landscape
 from medgcsam.sharpness.spectrum import (
     Density,
     Eigen,
-    certified,
     hutchinson_trace,
     lanczos_top_eigs,
-    measured_residuals,
     power_iteration,
     slq_density,
 )
@@ -76,12 +74,8 @@ def compute_sharpness(model: nn.Module, data: Dataset | Iterable, cfg: Sharpness
         if cfg.method == "lanczos":
             direction = op.gradient() if cfg.start == "gradient" else None
             eig = lanczos_top_eigs(op, op.dim, cfg.top_k, max_steps=cfg.lanczos_steps, tol=cfg.tol,
-                                   start=direction, return_vectors=True, **common)
-            estimates, eig.residuals = eig.residuals, measured_residuals(op, eig)
-            eig.converged &= certified(eig.residuals, eig.values, cfg.tol, op.dtype)
-            eig.vectors = None  # k x parameters floats, not needed past here
-        else:
-            estimates = None  # power iteration's residuals are measured already
+                                   start=direction, measure=True, **common)
+        else:  # power iteration's residuals are measured already
             eig = power_iteration(op, op.dim, cfg.top_k, max_iter=cfg.lanczos_steps, tol=cfg.tol, **common)
         trace = hutchinson_trace(op, op.dim, cfg.trace_probes, **common) if cfg.trace_probes else None
         density = (slq_density(op, op.dim, cfg.density_steps, cfg.density_probes, **common)
@@ -102,15 +96,15 @@ def compute_sharpness(model: nn.Module, data: Dataset | Iterable, cfg: Sharpness
         "hessian_hvp_count": float(op.hvp_count), "hessian_wall_s": time.perf_counter() - start,
     })
     if out_dir is not None:
-        _write_sharpness(Path(out_dir), metrics, cfg, density, eig, estimates, op.graphs_kept, op.dtype)
+        _write_sharpness(Path(out_dir), metrics, cfg, density, eig, op.graphs_kept, op.dtype)
     return metrics
 
 
 def _write_sharpness(out: Path, metrics: dict[str, float], cfg: SharpnessConfig, density: Density | None,
-                     eig: Eigen, estimates: list[float] | None, graphs_kept: bool | None, dtype: torch.dtype) -> None:
+                     eig: Eigen, graphs_kept: bool | None, dtype: torch.dtype) -> None:
     out.mkdir(parents=True, exist_ok=True)
     record = {"metrics": metrics, "settings": cfg.model_dump(), "top_eigenvalues": list(eig.values),
-              "residuals": list(eig.residuals), "lanczos_residual_estimates": estimates,
+              "residuals": list(eig.residuals), "lanczos_residual_estimates": eig.residual_estimates,
               "precision": {"dtype": str(dtype).removeprefix("torch."), "tf32": False, "sdpa": "math"},
               "operator": "mean cross-entropy, eval mode, no weight decay, all trainable parameters",
               "first_order_graphs_kept": graphs_kept}

@@ -145,6 +145,7 @@ class Eigen:
     converged: bool
     min_value: float | None = None  # Lanczos also resolves the bottom of the spectrum
     vectors: torch.Tensor | None = None
+    residual_estimates: list[float] | None = None  # Lanczos's |beta_m s_m| when ``residuals`` were measured
 
 
 def start_vector(dim: int, seed: int, dtype: torch.dtype, device: torch.device | str,
@@ -163,11 +164,14 @@ def start_vector(dim: int, seed: int, dtype: torch.dtype, device: torch.device |
 
 def lanczos_top_eigs(matvec: MatVec, dim: int, k: int = 1, *, max_steps: int = 40, tol: float = 1e-3,
                      seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                     return_vectors: bool = False, start: torch.Tensor | None = None) -> Eigen:
+                     return_vectors: bool = False, start: torch.Tensor | None = None,
+                     measure: bool = False) -> Eigen:
     """Largest ``k`` eigenvalues of a symmetric operator, each certified by its residual.
 
-    Converged when ``|beta_m s_{m,i}| <= tol * |theta_i|`` for the top ``k`` Ritz pairs (see :func:`certified`).
-    ``start`` (e.g. the loss gradient) is the direction to start from, see :func:`start_vector`.
+    Stops when ``|beta_m s_{m,i}| <= tol * |theta_i|`` for the top ``k`` Ritz pairs (see :func:`certified`).
+    With ``measure`` the returned residuals, and ``converged``, come from one more product per pair
+    (:func:`measured_residuals`); the estimates stay in ``residual_estimates``. ``start`` (e.g. the loss
+    gradient) is the direction to start from, see :func:`start_vector`.
     """
     if k > dim:
         raise ValueError(f"asked for {k} eigenvalues of a {dim}-dimensional operator")
@@ -191,13 +195,16 @@ def lanczos_top_eigs(matvec: MatVec, dim: int, k: int = 1, *, max_steps: int = 4
     run = lanczos(counted, start_vector(dim, seed, dtype, device, start), max_steps, stop=done)
     theta, s, res = residuals(run)
     top = np.argsort(theta)[::-1][:k]
-    converged = certified(res[top], theta[top], tol, dtype) and len(theta) >= k
+    values, found, estimates = theta[top].tolist(), res[top].tolist(), None
     vectors = None
-    if return_vectors:
+    if return_vectors or measure:
         coeff = torch.as_tensor(s[:, top], dtype=run.basis.dtype, device=run.basis.device)
         vectors = (run.basis.T @ coeff).T
-    return Eigen(values=theta[top].tolist(), residuals=res[top].tolist(), hvps=hvps, converged=converged,
-                 min_value=float(theta[0]), vectors=vectors)
+    if measure:
+        estimates, found = found, _residual_norms(counted, vectors, values)
+    converged = certified(found, values, tol, dtype) and len(theta) >= k
+    return Eigen(values=values, residuals=found, hvps=hvps, converged=converged, min_value=float(theta[0]),
+                 vectors=vectors if return_vectors else None, residual_estimates=estimates)
 
 
 def measured_residuals(matvec: MatVec, eig: Eigen) -> list[float]:
@@ -209,8 +216,12 @@ def measured_residuals(matvec: MatVec, eig: Eigen) -> list[float]:
     """
     if eig.vectors is None:
         raise ValueError("measured_residuals needs the Ritz vectors: call lanczos_top_eigs(..., return_vectors=True)")
+    return _residual_norms(matvec, eig.vectors, eig.values)
+
+
+def _residual_norms(matvec: MatVec, vectors: torch.Tensor, values: list[float]) -> list[float]:
     out = []
-    for u, theta in zip(eig.vectors, eig.values, strict=True):
+    for u, theta in zip(vectors, values, strict=True):
         u = u / _norm(u)
         out.append(_norm(matvec(u) - theta * u))
     return out
