@@ -573,3 +573,116 @@ def test_a_whole_step_runs_without_host_synchronization(name: str, kwargs: dict)
         meter.record_grad_norms(step, opt.stats, centralized=True)
     assert meter.trace_steps == list(range(micro_batches))
     assert all(p.grad is None for p in model.parameters())  # the base step ran and cleared the gradients
+
+
+GRAPH_SAFE_CASES = [(name, {"momentum": 0.9} if name == "msam" else {}) for name in OPTIMIZERS] + [
+    ("msam", {}),  # Adam base: the perturbation follows exp_avg
+    ("gcsam", {"gc_placement": "both", "gc_ema_beta": 0.9, "accumulation_steps": 2}),
+    ("gsam", {"rho_min": 0.01}),  # rho follows the (device-tensor) LR
+    ("wsam", {"decouple": False}),
+    ("sam", {"accumulation_steps": 3}),
+    ("gc_adam", {"gc_placement": "grad", "accumulation_steps": 2}),
+]
+
+
+def _graph_safe_run(name: str, kwargs: dict) -> tuple[Net, object, torch.Tensor, torch.Tensor]:
+    from medgcsam.optim import make_graph_safe_
+
+    torch.manual_seed(0)
+    model = Net()
+    images, labels = torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))
+    base = "sgd" if "momentum" in kwargs else "adam"
+    opt = create_optimizer(name, model.parameters(), model=model, base=base, lr=0.05, max_grad_norm=1.0, **kwargs)
+    return model, make_graph_safe_(opt), images, labels
+
+
+@pytest.mark.parametrize(("name", "kwargs"), GRAPH_SAFE_CASES)
+def test_graph_safety_contract_of_every_optimizer_step(name: str, kwargs: dict) -> None:
+    """The CUDA-graph contract emulated on CPU: after warm-up (lazy state), a whole step (every pass, GC, BN
+    restore, accumulation, clipping, fused base step, on-device meters) runs no op a capture refuses, and the
+    LR and rho are read from device tensors: changing their values changes the next step with nothing rebuilt."""
+    from medgcsam.engine.metrics import TrainMeter
+    from medgcsam.engine.step import train_step
+    from medgcsam.optim import HostSyncError, forbid_host_sync, is_graph_safe
+
+    with pytest.raises(HostSyncError), forbid_host_sync():  # the detector works
+        float(torch.ones(()) * 2)
+    model, opt, images, labels = _graph_safe_run(name, kwargs)
+    assert is_graph_safe(opt)
+    meter = TrainMeter(torch.device("cpu"), max_steps=16)
+
+    def cycle(m: nn.Module, o: object, record: bool) -> None:
+        for _ in range(o.accumulation_steps):
+            train_step(m, o, nn.CrossEntropyLoss(), images, labels, autocast=torch.enable_grad,
+                       meter=meter if record else None)
+        if record:
+            meter.record_grad_norms(len(meter.trace_steps), o.stats, centralized=True)
+
+    for _ in range(2):  # warm-up: optimizer state and persistent buffers are created here, as before a capture
+        cycle(model, opt, record=False)
+    with forbid_host_sync():
+        for _ in range(2):
+            cycle(model, opt, record=True)
+    assert len(meter.trace_steps) == 2 and bool(torch.isfinite(meter.trace[:2, 0]).all())
+
+    def clean_weights(m: nn.Module, o: object) -> list[torch.Tensor]:
+        with o.unperturbed():
+            return [p.detach().clone() for p in m.parameters()]
+
+    start = clean_weights(model, opt)
+    variants = {}
+    for label, scale in (("same", None), ("lr0", ("lr", 0.0)), ("rho0", ("rho", 0.0))):
+        m, o = copy.deepcopy((model, opt))
+        if scale is not None:
+            key, value = scale
+            for group in o.param_groups:
+                if key in group:
+                    group[key].fill_(value)  # in place: what a scheduler does to a captured graph's input
+        with forbid_host_sync():  # two steps: MSAM applies a new rho in the perturbation of the step after
+            cycle(m, o, record=False)
+            cycle(m, o, record=False)
+        variants[label] = clean_weights(m, o)
+    moved = max(float((a - b).abs().max()) for a, b in zip(start, variants["same"], strict=True))
+    assert moved > 1e-5
+    assert all(torch.equal(a, b) for a, b in zip(start, variants["lr0"], strict=True))  # LR 0: no step at all
+    if "rho" in opt.param_groups[0]:
+        assert any(not torch.equal(a, b) for a, b in zip(variants["same"], variants["rho0"], strict=True))
+
+
+def test_scheduler_writes_the_graph_safe_lr_in_place() -> None:
+    """A captured step reads the LR tensor it recorded: the schedule must refill that tensor, never replace it."""
+    from medgcsam.config import TrainConfig
+    from medgcsam.engine.schedule import build_scheduler
+    from medgcsam.engine.schedule import lr_factor as factor
+    from medgcsam.optim import make_graph_safe_
+
+    model = Net()
+    opt = create_optimizer("gsam", model.parameters(), model=model, lr=0.1, rho_min=0.01)
+    cfg = TrainConfig(epochs=2, warmup_epochs=0.5, scheduler="cosine", min_lr_ratio=0.1)
+    scheduler = build_scheduler(opt.base, cfg, steps_per_epoch=4)
+    make_graph_safe_(opt)
+    lr = opt.param_groups[0]["lr"]
+    for step in range(1, 6):
+        scheduler.step()
+        assert opt.param_groups[0]["lr"] is lr
+        expected = 0.1 * factor(step, total_steps=8, warmup_steps=2, kind="cosine", min_ratio=0.1)
+        assert float(lr) == pytest.approx(expected, rel=1e-6)
+        assert scheduler.get_last_lr() == [pytest.approx(expected, rel=1e-6)]
+        assert isinstance(scheduler.get_last_lr()[0], float)
+    rho = opt.group_rho(opt.param_groups[0])  # GSAM's rho follows the device LR, as a device tensor
+    assert isinstance(rho, torch.Tensor) and float(rho) == pytest.approx(0.01 + 0.04 * float(lr) / 0.1, rel=1e-6)
+    state = opt.state_dict()  # checkpoints hold plain numbers, so they load into an eager or CPU run
+    assert isinstance(state["base"]["param_groups"][0]["lr"], float)
+    fresh = create_optimizer("gsam", Net().parameters(), lr=0.1, rho_min=0.01)
+    fresh.load_state_dict(state)
+    assert fresh.param_groups[0]["lr"] == pytest.approx(float(lr), rel=1e-6)
+
+
+def test_graph_safe_refuses_a_grad_scaler_with_the_reason() -> None:
+    from medgcsam.optim import graph_safe_blocker, make_graph_safe_
+
+    model = Net()
+    opt = create_optimizer("gcsam", model.parameters(), grad_scaler=torch.amp.GradScaler("cpu"))
+    assert "GradScaler" in graph_safe_blocker(opt)
+    with pytest.raises(ValueError, match="GradScaler"):
+        make_graph_safe_(opt)

@@ -20,6 +20,23 @@ MONITOR_KEYS = {"val_loss": f"{EPOCH_PREFIX}/loss", "val_accuracy": f"{EPOCH_PRE
                 "val_balanced_accuracy": f"{EPOCH_PREFIX}/balanced_accuracy", "val_auroc": f"{EPOCH_PREFIX}/auroc"}
 
 
+class StepRecord:
+    """One step's loss sum and correct count in fixed device tensors.
+
+    A captured step writes here (its buffers are baked into the graph), and ``TrainMeter.add`` folds it into
+    the epoch's meter after each replay: the loop makes a new meter per epoch, the graph is captured once."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=device, dtype=torch.int64)
+        self.count = 0
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.count = labels.shape[0]
+        self.loss_sum.copy_(loss.detach().double() * self.count)
+        self.correct.copy_((logits.detach().argmax(1) == labels).sum())
+
+
 class TrainMeter:
     """Running loss sum, correct count, sample count and the per-step (||g||, ||GC(g)||) trace of an epoch."""
 
@@ -36,6 +53,12 @@ class TrainMeter:
         self.loss_sum += loss.detach().double() * n
         self.correct += (logits.detach().argmax(1) == labels).sum()
         self.count += n
+
+    def add(self, record: StepRecord) -> None:
+        """Fold in one step a CUDA graph wrote (same arithmetic as ``update``, so the sums match eager)."""
+        self.loss_sum += record.loss_sum
+        self.correct += record.correct
+        self.count += record.count
 
     def record_grad_norms(self, global_step: int, stats: dict[str, torch.Tensor], *, centralized: bool) -> None:
         """Copy the optimizer's 0-dim norm tensors into the trace (device to device, no sync).

@@ -34,6 +34,17 @@ class WarmupCosine:
                          min_ratio=self.min_ratio)
 
 
+class ScheduledLR(LambdaLR):
+    """``LambdaLR`` that also drives a graph-safe optimizer (``medgcsam.optim.make_graph_safe_``).
+
+    There the group LR is a 0-dim device tensor that a captured step reads on the device; torch's scheduler
+    ``fill_``s such a tensor in place (no host sync, the same storage the graph recorded) instead of replacing
+    it. ``get_last_lr`` stays a list of floats for logging either way (one sync, between steps)."""
+
+    def get_last_lr(self) -> list[float]:
+        return [float(v) for v in super().get_last_lr()]
+
+
 def build_scheduler(optimizer: Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> LambdaLR:
     """Attach to the *base* optimizer: the SAM wrappers never call ``step()`` themselves."""
-    return LambdaLR(optimizer, WarmupCosine(cfg, steps_per_epoch))
+    return ScheduledLR(optimizer, WarmupCosine(cfg, steps_per_epoch))

@@ -289,8 +289,11 @@ class WrappedOptimizer:
 
     def state_dict(self) -> dict[str, Any]:
         """Base state (moments, momentum, param groups incl. per-group rho) plus the method's persistent extras."""
-        return {"method": self.name, "base": self.base.state_dict(), "base_only": self._base_only,
-                "extra": self._extra_state()}
+        base = self.base.state_dict()
+        # graph-safe groups hold lr/rho as device tensors; a checkpoint stores plain numbers so it loads anywhere
+        base["param_groups"] = [{k: float(v) if isinstance(v, Tensor) and v.ndim == 0 else v for k, v in g.items()}
+                                for g in base["param_groups"]]
+        return {"method": self.name, "base": base, "base_only": self._base_only, "extra": self._extra_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("method") != self.name:

@@ -59,7 +59,7 @@ class MSAM(WrappedOptimizer):
                 sq = sq + sq_norm(m, self.acc_dtype, self.device)
             norm = sq.sqrt()
             inv = torch.where(torch.isfinite(norm), (norm + self.hp["eps"]).reciprocal(), 0.0)
-            self.factors = {b.group: -inv * float(self.param_groups[b.group]["rho"]) for b in self.buckets}
+            self.factors = {b.group: -inv * self.param_groups[b.group]["rho"] for b in self.buckets}
         self.perturbed = []
         for b, idx, m in per_bucket:
             if not idx:

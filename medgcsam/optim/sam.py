@@ -29,8 +29,9 @@ class SharpnessAware(WrappedOptimizer):
         super().__init__(base, **kwargs)
         self._perturbed: list[tuple[Bucket, list[int]]] = []
 
-    def group_rho(self, group: dict[str, Any]) -> float:
-        return float(group["rho"])
+    def group_rho(self, group: dict[str, Any]) -> float | Tensor:
+        """The group's rho as stored: a float, or a device tensor once graph-safe (read without a host sync)."""
+        return group["rho"]
 
     # ------------------------------------------------------------------ passes
     @torch.no_grad()
@@ -283,12 +284,13 @@ class GSAM(SharpnessAware):
         if hp["rho_min"] is not None and not 0.0 <= hp["rho_min"] <= hp["rho"]:
             raise ValueError(f"gsam: rho_min must be in [0, rho={hp['rho']}], got {hp['rho_min']}")
 
-    def group_rho(self, group: dict[str, Any]) -> float:
-        rho, rho_min = float(group["rho"]), group["rho_min"]
+    def group_rho(self, group: dict[str, Any]) -> float | Tensor:
+        """rho_t from the group's current LR; a device tensor when the LR is one (graph-safe), else a float."""
+        rho, rho_min = group["rho"], group["rho_min"]
         lr_max, lr_min = group["gsam_lr_max"], self.hp["lr_min"]
         if rho_min is None or lr_max <= lr_min:
             return rho
-        return rho_min + (rho - rho_min) * (float(group["lr"]) - lr_min) / (lr_max - lr_min)
+        return rho_min + (rho - rho_min) * (group["lr"] - lr_min) / (lr_max - lr_min)
 
     def _descent_gradient(self, active: list[tuple[Bucket, list[int]]]) -> None:
         eps, alpha = self.hp["eps"], self.hp["alpha"]
@@ -353,9 +355,12 @@ class WSAM(SharpnessAware):
             return
         inv = self.inv_grad_scale()
         for bucket, idx in self._sharpness_active:
-            factor = -float(self.param_groups[bucket.group]["lr"]) * self.weight / self.accumulation_steps
+            # the LR may be a device tensor (graph-safe): then it scales on the device, never read on the host
+            factor = -self.param_groups[bucket.group]["lr"] * self.weight / self.accumulation_steps
             delta = self.buffers("sharpness", idx)
-            if inv is None:
+            if inv is None and isinstance(factor, Tensor):
+                axpy_(self.tensors(idx), delta, factor)
+            elif inv is None:
                 torch._foreach_add_(self.tensors(idx), delta, alpha=factor)
             else:  # unscale, and skip with the base step when any pass overflowed
                 for d in delta:
