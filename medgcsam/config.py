@@ -38,6 +38,8 @@ class DataConfig(_Strict):
     cache_dir: Path | None = None
     augment: bool = True
     aug_backend: Literal["monai", "albumentations", "batched"] = "batched"
+    device_cache: Literal["auto", "on", "off"] = Field("auto", description="Keep the uint8 train split on the GPU "
+                                                       "and augment there (auto: on CUDA when it fits)")
     val_fold: int | None = Field(0, ge=0, description="Fold of the train split used for validation")
     dicom_multiframe: Literal["first", "middle", "error"] = "middle"  # also the page of a multi-page TIFF
 
@@ -109,6 +111,8 @@ class TrainConfig(_Strict):
     grad_norm_every: int = Field(1, ge=1, description="Record gradient norms every N steps")
     checkpoint_every_steps: int | None = Field(None, ge=1, description="Also write last.pt every N steps "
                                                "(mid-epoch resume); default: once per epoch")
+    cuda_graph: Literal["auto", "on", "off"] = Field("auto", description="Capture the whole step in a CUDA graph: "
+                                                     "auto = on CUDA when possible, else eager with a logged reason")
 
     @model_validator(mode="after")
     def _checkpoints_between_optimizer_steps(self) -> TrainConfig:

@@ -34,11 +34,13 @@ from tqdm.auto import tqdm
 
 from medgcsam.config import ConfigError, PipelineConfig
 from medgcsam.data.datasets import BatchInputs, DataBundle, build_datasets, build_loaders
+from medgcsam.data.device_cache import build_device_batches
 from medgcsam.engine import checkpoint as ckpt_io
 from medgcsam.engine.distributed import DistContext, broadcast, gather, init_distributed, shutdown
+from medgcsam.engine.graphed import EagerStep, make_step
 from medgcsam.engine.metrics import EPOCH_PREFIX, MONITOR_KEYS, TrainMeter, classification_metrics, is_improvement
 from medgcsam.engine.schedule import build_scheduler
-from medgcsam.engine.step import autocast_factory, train_step
+from medgcsam.engine.step import autocast_factory
 from medgcsam.files import replace_atomically
 from medgcsam.models.factory import create_model, input_spec
 from medgcsam.models.spec import ModelSpec, Preprocessing
@@ -174,6 +176,9 @@ class _Training:
             raise ConfigError("train.early_stopping_patience needs a validation split to watch; set data.val_fold "
                               "(or give the manifest split=val rows), or remove the patience")
         self.inputs = BatchInputs(in_spec, self.device)
+        # issue 23: GPU-resident train batches (None: the DataLoader); DDP shards through its sampler instead
+        self.device_batches = None if self.ctx.enabled else build_device_batches(
+            self.bundle.train, dcfg.batch_size, self.device, seed=cfg.train.seed, mode=dcfg.device_cache)
         self.class_names = list(self.bundle.class_names)
         self._check_evaluation()
         self.spec = ModelSpec(
@@ -419,9 +424,12 @@ class _Training:
         meter = TrainMeter(self.device, self.steps_per_epoch)
         if meter_state:
             meter.load_state_dict(meter_state)
-        batches: Iterator = iter(self.train_loader)
-        for _ in range(self.step_in_epoch):  # replay the loader to where the checkpoint was taken
-            next(batches)
+        if self.device_batches is not None:  # issue 23: seeded by (seed, epoch, index); a resume skips, no replay
+            batches: Iterator = self.device_batches.epoch(self.epoch, start=self.step_in_epoch)
+        else:
+            batches = iter(self.train_loader)
+            for _ in range(self.step_in_epoch):  # replay the loader to where the checkpoint was taken
+                next(batches)
         if pending_rng is not None:
             ckpt_io.restore_rng(pending_rng)
         refresh = max(1, self.steps_per_epoch // 10)
@@ -432,8 +440,7 @@ class _Training:
             batch = next(batches)
             images = self.inputs(batch["image"])
             labels = batch["label"].to(self.device, non_blocking=True)
-            train_step(self.model, self.opt, self.criterion, images, labels, autocast=self.autocast,
-                       scaler=self.scaler, no_sync=self.no_sync, meter=meter)
+            self._step(meter)(images, labels)  # issue 23: graphed or eager (engine.graphed.make_step)
             self.global_step += 1
             self.step_in_epoch += 1
             seen += images.shape[0]
@@ -452,6 +459,16 @@ class _Training:
         bar.close()
         meter.images_per_s = seen * self.ctx.world_size / max(time.perf_counter() - tick, 1e-9)
         return meter
+
+    def _step(self, meter: TrainMeter) -> EagerStep:
+        """issue 23: the step object, built once (a graph is captured once per run), given this epoch's meter."""
+        step = getattr(self, "step", None)
+        if step is None or step.no_sync != self.no_sync:
+            step = self.step = make_step(self.model, self.opt, self.criterion, autocast=self.autocast,
+                                         scaler=self.scaler, no_sync=self.no_sync, mode=self.cfg.train.cuda_graph,
+                                         device=self.device)
+        step.meter = meter
+        return step
 
     @torch.no_grad()
     def _predict(self, loader: DataLoader) -> tuple[np.ndarray, np.ndarray]:
