@@ -117,6 +117,24 @@ def test_a_failed_capture_leaves_the_optimizer_as_before(name: str) -> None:
     assert opt._micro == 0 and all(p.grad is None for p in model.parameters())
 
 
+def test_host_sync_detector_records_without_cutting_the_step_short() -> None:
+    """The graphed step checks its last warm-up with ``record=True, device="cuda"``: the step must complete with
+    the same values, report every capture-breaking op on that device once, and ignore the same op on another."""
+    from medgcsam.optim import forbid_host_sync
+
+    x = torch.arange(6.0)
+    with forbid_host_sync(device="cuda", record=True) as other:  # CPU tensors: not what a CUDA capture sees
+        assert float(x.sum()) == 15.0 and torch.tensor([1.0, 2.0]).sum() == 3
+    assert other.found == []
+    with forbid_host_sync(device="cpu", record=True) as same:
+        value = float(x.sum())
+        picked = x[x > 2]
+        value += float(x.max())
+    assert value == 20.0 and picked.tolist() == [3.0, 4.0, 5.0]  # ran to the end, same results
+    assert any("_local_scalar_dense" in r for r in same.found) and any("boolean mask" in r for r in same.found)
+    assert len(same.found) == len(set(same.found))
+
+
 def test_graphed_forward_is_eager_off_cuda() -> None:
     model = Net().eval()
     forward = GraphedForward(model, autocast=torch.enable_grad)
@@ -208,3 +226,47 @@ def test_auto_falls_back_when_capture_fails_and_on_raises(caplog: pytest.LogCapt
         EagerStep(ref_model, ref_opt, syncing, autocast=torch.enable_grad)(x, y)
         for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):
             assert torch.equal(a, b)  # the failed capture changed nothing; the eager step ran in its place
+        assert "capture not attempted" in step.fallback_reason  # the warm-up check caught it before capture
+        assert not any(g.get("capturable") for g in opt.base.param_groups)  # eager from now on
+        torch.randn(3, device=device)  # CUDA and its generator still usable
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["auto", "on"])
+def test_a_capture_that_fails_inside_cuda_leaves_cuda_usable(mode: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A sync the warm-up check cannot see (a stream synchronize is no tensor op) fails the capture itself:
+    capture ended, current stream, allocator and the default generator's capture mode restored."""
+    device = torch.device("cuda")
+
+    def stream_sync(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        torch.cuda.current_stream().synchronize()  # illegal while capturing
+        return nn.functional.cross_entropy(logits, target)
+
+    torch.manual_seed(0)
+    model = Net().to(device)
+    opt = create_optimizer("gcsam", model.parameters(), model=model)
+    step = make_step(model, opt, stream_sync, autocast=torch.enable_grad, mode=mode, device=device)
+    x, y = torch.randn(4, 3, 6, 6, device=device), torch.randint(0, 3, (4,), device=device)
+    for _ in range(2):
+        step(x, y)
+    reference = copy.deepcopy((model, opt))
+    main, rng = torch.cuda.current_stream(), torch.cuda.get_rng_state()
+    with caplog.at_level(logging.WARNING):
+        if mode == "on":
+            with pytest.raises(GraphCaptureError, match="capturing the gcsam step failed"):
+                step(x, y)
+        else:
+            step(x, y)
+            assert "continues with the eager step" in caplog.text and "capture not attempted" not in caplog.text
+    assert torch.cuda.current_stream() == main and not torch.cuda.is_current_stream_capturing()
+    assert torch.equal(torch.cuda.get_rng_state(), rng)  # same random position as before the capture
+    torch.cuda.manual_seed(3)
+    a = torch.rand(5, device=device)  # raised "Offset increment outside graph capture" before the fix
+    torch.cuda.manual_seed(3)
+    assert torch.equal(a, torch.rand(5, device=device))
+    if mode == "auto":
+        ref_model, ref_opt = reference
+        EagerStep(ref_model, ref_opt, stream_sync, autocast=torch.enable_grad)(x, y)
+        for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+            assert torch.equal(p, q)
+        step(x, y)  # and it keeps training eagerly

@@ -25,7 +25,7 @@ import contextlib
 import copy
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from medgcsam.engine.metrics import StepRecord, TrainMeter
 from medgcsam.engine.step import train_step
-from medgcsam.optim import WrappedOptimizer, graph_safe_blocker, make_graph_safe_
+from medgcsam.optim import WrappedOptimizer, forbid_host_sync, graph_safe_blocker, make_graph_safe_
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,12 @@ class GraphedStep(EagerStep):
         self.record = StepRecord(self.device)
         self.stream = torch.cuda.Stream(self.device)
         self.fallback_reason: str | None = None
+        self.host_syncs: dict[tuple, list[str]] = {}  # what the last warm-up of a shape found that capture rejects
         self.graphed = True
         self.replays = 0
+        # the eager warm-up steps of a capturable optimizer are intended: torch's "capturable=True but step()
+        # running without capture" warning would only be noise here
+        self.opt.base._warned_capturable_if_run_uncaptured = True
 
     def __call__(self, images: Tensor, labels: Tensor) -> None:
         if self.fallback_reason is not None:
@@ -165,7 +169,7 @@ class GraphedStep(EagerStep):
         key = (*cycle, opt._micro)
         graph = self.graphs.get(key)
         if graph is None and self.warm[cycle] < self.warmup_steps:
-            self._warm_up(images, labels)
+            self._warm_up(images, labels, check=cycle if self.warm[cycle] == self.warmup_steps - 1 else None)
             if opt._micro == 0:
                 self.warm[cycle] += 1
             return
@@ -182,15 +186,25 @@ class GraphedStep(EagerStep):
         if self.meter is not None:
             self.meter.add(self.record)
 
-    def _warm_up(self, images: Tensor, labels: Tensor) -> None:
+    def _warm_up(self, images: Tensor, labels: Tensor, check: tuple | None = None) -> None:
+        """An eager step on the side stream; ``check``: the shape's last warm-up, run under the host-sync
+        detector (recording, not raising: the step completes exactly as without it)."""
         side, main = self.stream, torch.cuda.current_stream(self.device)
         side.wait_stream(main)
-        with torch.cuda.stream(side):
+        detector = forbid_host_sync(device="cuda", record=True) if check is not None else contextlib.nullcontext()
+        with torch.cuda.stream(side), detector:
             super().__call__(images, labels)
         main.wait_stream(side)
+        if check is not None and detector.found:
+            found = self.host_syncs.setdefault(check, [])
+            found += [reason for reason in detector.found if reason not in found]
 
     def _capture(self, key: tuple, cycle: tuple, images: Tensor, labels: Tensor) -> torch.cuda.CUDAGraph | None:
         opt, shape = self.opt, cycle[2]
+        if self.host_syncs.get(cycle):  # the common cause of a failed capture: do not even begin one
+            self._fall_back(f"HostSyncError: {'; '.join(self.host_syncs[cycle])} (found in the last warm-up step; "
+                            "capture not attempted)", images, labels)
+            return None
         before = python_state(opt)
         if shape not in self.static:
             self.static[shape] = (torch.empty_like(images), torch.empty_like(labels))
@@ -199,27 +213,69 @@ class GraphedStep(EagerStep):
         y.copy_(labels)
         graph = torch.cuda.CUDAGraph()
         try:
-            torch.cuda.synchronize(self.device)
-            # thread_local: a loader's pin-memory thread may call CUDA while this thread captures
-            with torch.cuda.graph(graph, pool=self.pools.get(cycle), capture_error_mode="thread_local"):
+            with capture_into(graph, self.device, self.pools.get(cycle)) as pool:
                 train_step(self.model, opt, self.criterion, x, y, autocast=self.autocast, meter=self.record)
-        except Exception as exc:  # a capture that fails leaves only host-side state to undo: nothing ran
+        except Exception as exc:  # a capture that fails ran nothing: only host-side bookkeeping to undo
             set_python_state(opt, before)
-            with contextlib.suppress(Exception):
-                torch.cuda.synchronize(self.device)
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            if self.mode == "on":
-                raise GraphCaptureError(f"train.cuda_graph=on: capturing the {opt.name} step failed ({reason}); set "
-                                        f"train.cuda_graph=auto to fall back to the eager step, or off") from exc
-            log.warning("CUDA graph capture of the %s step failed (%s); train.cuda_graph=auto continues with the "
-                        "eager step (same optimizer, same results, slower)", opt.name, reason)
-            self.fallback_reason = reason
-            super().__call__(images, labels)
+            self._fall_back(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", images, labels,
+                            exc)
             return None
-        self.pools.setdefault(cycle, graph.pool())
+        self.pools.setdefault(cycle, pool)
         self.graphs[key] = graph
         self.after[key] = state_change(before, python_state(opt))
         return graph
+
+    def _fall_back(self, reason: str, images: Tensor, labels: Tensor, exc: Exception | None = None) -> None:
+        """``on``: raise naming the reason; ``auto``: log it and run this and every later micro-batch eagerly."""
+        opt = self.opt
+        if self.mode == "on":
+            raise GraphCaptureError(f"train.cuda_graph=on: capturing the {opt.name} step failed ({reason}); set "
+                                    f"train.cuda_graph=auto to fall back to the eager step, or off") from exc
+        log.warning("CUDA graph capture of the %s step failed (%s); train.cuda_graph=auto continues with the "
+                    "eager step (same optimizer, same results, slower)", opt.name, reason)
+        self.fallback_reason = reason
+        for group in opt.base.param_groups:  # fused kernels ignore the flag: same arithmetic, no capture checks
+            if "capturable" in group:
+                group["capturable"] = False
+        EagerStep.__call__(self, images, labels)
+
+
+@contextlib.contextmanager
+def capture_into(graph: torch.cuda.CUDAGraph, device: torch.device, pool: tuple | None = None) -> Iterator[tuple]:
+    """``torch.cuda.graph`` (thread-local error mode; yields the memory pool) that, when the capture raises,
+    first undoes what torch 2.4-2.11 leave behind, so CUDA stays usable for the eager fallback.
+
+    ``torch.cuda.graph.__exit__`` calls ``capture_end``; when the capture was invalidated (a host sync inside
+    it), ``cudaStreamEndCapture`` fails and ``capture_end`` raises before (1) the default CUDA generator's
+    ``capture_epilogue``, so it stays in capture mode and every later random op outside a capture raises
+    "Offset increment outside graph capture encountered unexpectedly"; (2) the allocator's
+    ``endAllocateToPool``, so it keeps checking allocations against a capture that is gone; (3) the stream
+    context's exit, so the current stream stays the capture stream. The generator gets back a clone of its state
+    taken before the capture (a capture advances only the intra-graph offset: the same random position); graphs
+    captured earlier keep the old state object, which only their replays use."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+    # thread_local: a loader's pin-memory thread may call CUDA while this thread captures
+    capture = torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local")
+    current = torch.cuda.current_stream(device)
+    generator = torch.cuda.default_generators[index]
+    rng = generator.clone_state()
+    torch.cuda.synchronize(device)
+    try:
+        with capture:
+            yield pool
+    except BaseException:
+        with torch.cuda.stream(capture.capture_stream):
+            if torch.cuda.is_current_stream_capturing():  # raised before __exit__ could end it
+                with contextlib.suppress(Exception):
+                    graph.capture_end()
+        torch.cuda.set_stream(current)
+        with contextlib.suppress(Exception):  # raises when capture_end got as far as ending it
+            torch._C._cuda_endAllocateToPool(index, pool)
+        generator.graphsafe_set_state(rng)
+        with contextlib.suppress(Exception):
+            torch.cuda.synchronize(device)
+        raise
 
 
 class GraphedForward:
@@ -266,7 +322,7 @@ class GraphedForward:
                 self.eager(static_x)  # warm-up: kernels chosen, workspaces allocated outside the capture
             main.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with capture_into(graph, x.device):
                 static_out = self.eager(static_x)
         except Exception as exc:
             if self.mode == "on":

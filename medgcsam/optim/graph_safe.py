@@ -71,20 +71,44 @@ _FORBIDDEN = {
     "aten::nonzero": "has a value-dependent output shape (nonzero / boolean-mask indexing)",
     "aten::masked_select": "has a value-dependent output shape (boolean-mask indexing)",
     "aten::lift_fresh": "builds a tensor from host data (torch.tensor / as_tensor of Python values)",
+    "aten::index": "indexes with a boolean mask (value-dependent output shape)",
 }
+
+
+def _breaks_capture(name: str, args: tuple) -> bool:
+    """``aten::index`` only with a boolean mask (integer indices are capturable); the rest always."""
+    if name != "aten::index":
+        return True
+    return any(isinstance(i, Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
 
 
 class forbid_host_sync(torch.utils._python_dispatch.TorchDispatchMode):  # noqa: N801 - used as a context manager
     """Raise ``HostSyncError`` on any op a CUDA graph cannot capture, on any device (CPU tests emulate capture).
 
-    ``allow`` names ops tolerated anyway (e.g. for a base optimizer that is known capturable only on CUDA)."""
+    ``allow`` names ops tolerated anyway (e.g. for a base optimizer that is known capturable only on CUDA).
+    ``device`` (e.g. ``"cuda"``): flag only ops on a tensor of that device type (an ``.item()`` of a CPU tensor
+    does not break a CUDA capture). ``record=True``: let the op run and collect the reasons in ``found`` instead
+    of raising, so a real step can be checked without being cut off half-way."""
 
-    def __init__(self, allow: frozenset[str] = frozenset()) -> None:
+    def __init__(self, allow: frozenset[str] = frozenset(), *, device: str | None = None, record: bool = False) -> None:
         super().__init__()
-        self.allow = allow
+        self.allow, self.device, self.record = allow, device, record
+        self.found: list[str] = []
+
+    def _on_device(self, args: tuple, kwargs: dict) -> bool:
+        if self.device is None:
+            return True
+        flat = torch.utils._pytree.tree_leaves((args, kwargs))
+        return any(isinstance(a, Tensor) and a.device.type == self.device for a in flat)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
         name = func._schema.name
-        if name in _FORBIDDEN and name not in self.allow:
-            raise HostSyncError(f"{name} {_FORBIDDEN[name]}: not capturable in a CUDA graph")
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if (name in _FORBIDDEN and name not in self.allow and _breaks_capture(name, args)
+                and self._on_device(args, kwargs)):
+            reason = f"{name} {_FORBIDDEN[name]}: not capturable in a CUDA graph"
+            if not self.record:
+                raise HostSyncError(reason)
+            if reason not in self.found:
+                self.found.append(reason)
+        return func(*args, **kwargs)
