@@ -25,13 +25,14 @@ import contextlib
 import copy
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from medgcsam.cuda_capture import capture_into
 from medgcsam.engine.metrics import StepRecord, TrainMeter
 from medgcsam.engine.step import train_step
 from medgcsam.optim import WrappedOptimizer, forbid_host_sync, graph_safe_blocker, make_graph_safe_
@@ -238,44 +239,6 @@ class GraphedStep(EagerStep):
             if "capturable" in group:
                 group["capturable"] = False
         EagerStep.__call__(self, images, labels)
-
-
-@contextlib.contextmanager
-def capture_into(graph: torch.cuda.CUDAGraph, device: torch.device, pool: tuple | None = None) -> Iterator[tuple]:
-    """``torch.cuda.graph`` (thread-local error mode; yields the memory pool) that, when the capture raises,
-    first undoes what torch 2.4-2.11 leave behind, so CUDA stays usable for the eager fallback.
-
-    ``torch.cuda.graph.__exit__`` calls ``capture_end``; when the capture was invalidated (a host sync inside
-    it), ``cudaStreamEndCapture`` fails and ``capture_end`` raises before (1) the default CUDA generator's
-    ``capture_epilogue``, so it stays in capture mode and every later random op outside a capture raises
-    "Offset increment outside graph capture encountered unexpectedly"; (2) the allocator's
-    ``endAllocateToPool``, so it keeps checking allocations against a capture that is gone; (3) the stream
-    context's exit, so the current stream stays the capture stream. The generator gets back a clone of its state
-    taken before the capture (a capture advances only the intra-graph offset: the same random position); graphs
-    captured earlier keep the old state object, which only their replays use."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    pool = pool if pool is not None else torch.cuda.graph_pool_handle()
-    # thread_local: a loader's pin-memory thread may call CUDA while this thread captures
-    capture = torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local")
-    current = torch.cuda.current_stream(device)
-    generator = torch.cuda.default_generators[index]
-    rng = generator.clone_state()
-    torch.cuda.synchronize(device)
-    try:
-        with capture:
-            yield pool
-    except BaseException:
-        with torch.cuda.stream(capture.capture_stream):
-            if torch.cuda.is_current_stream_capturing():  # raised before __exit__ could end it
-                with contextlib.suppress(Exception):
-                    graph.capture_end()
-        torch.cuda.set_stream(current)
-        with contextlib.suppress(Exception):  # raises when capture_end got as far as ending it
-            torch._C._cuda_endAllocateToPool(index, pool)
-        generator.graphsafe_set_state(rng)
-        with contextlib.suppress(Exception):
-            torch.cuda.synchronize(device)
-        raise
 
 
 class GraphedForward:
