@@ -576,3 +576,39 @@ def test_compute_sharpness_seeded_and_matches_solvers():
     power = compute_sharpness(model, dataset, cfg.model_copy(update={"method": "power", "tol": 1e-3, "trace_probes": 1,
                                                                      "density_probes": 1, "density_steps": 2}))
     assert power["hessian_top_eig"] == pytest.approx(float(exact[-1]), rel=1e-2)
+
+
+# --- HVP captured in a CUDA graph ------------------------------------------------------------------
+
+def test_cuda_graph_setting_leaves_cpu_products_identical_and_checks_its_value():
+    """Off CUDA the product is never captured: auto, on and off give bitwise the same products and counts."""
+    model = conv_bn().eval()
+    batches = [data(8, (2, 6, 6), seed=s) for s in range(2)]
+    v = torch.randn(HessianOperator(model, batches).dim, dtype=F64)
+    results = {}
+    for mode in ("auto", "on", "off"):
+        op = HessianOperator(model, batches, cuda_graph=mode)
+        results[mode] = (op(v), op(2 * v), op.gradient())
+        assert op.hvp_count == 2 and op.replays == 0 and op.graph_fallback is None
+    for mode in ("auto", "on"):
+        assert all(torch.equal(a, b) for a, b in zip(results[mode], results["off"], strict=True))
+    with pytest.raises(ValueError, match="cuda_graph must be"):
+        HessianOperator(model, batches, cuda_graph="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs in the GPU check)")
+def test_graphed_hvp_equals_eager_and_follows_the_weights(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    model = conv_bn().float().cuda().eval()
+    batches = [tuple(t.cuda() for t in data(8, (2, 6, 6), seed=s, dtype=torch.float32)) for s in range(2)]
+    graphed, eager = HessianOperator(model, batches, cuda_graph="on"), HessianOperator(model, batches,
+                                                                                       cuda_graph="off")
+    v = torch.randn(graphed.dim, device="cuda")
+    for scale in (1.0, -3.0):
+        torch.testing.assert_close(graphed(scale * v), eager(scale * v), rtol=1e-5, atol=1e-7)
+    assert graphed.replays == 2 and graphed.graph_fallback is None
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)  # the captured product read the old weights' activations: recaptured
+    torch.testing.assert_close(graphed(v), HessianOperator(model, batches, cuda_graph="off")(v), rtol=1e-5,
+                               atol=1e-7)
+    assert graphed.replays == 3

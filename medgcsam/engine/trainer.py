@@ -505,6 +505,8 @@ class _Training:
         rho = self.opt.param_groups[0].get("rho")
         if rho is not None:
             record["rho"] = float(rho)
+        if self.device.type == "cuda":  # issue 23: sizes how many cells share one GPU (docs/gpu.md)
+            record["gpu/peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         if self.val_loader is not None:
             record.update(classification_metrics(*self._predict(self.val_loader), self.class_names))
             value = record[MONITOR_KEYS[cfg.monitor]]
@@ -530,8 +532,8 @@ class _Training:
         self._log_epoch(record, rows)
         if self.ctx.is_main:
             val = f", val {cfg.monitor} {value:.4f}" if self.val_loader is not None else ""
-            log.info("epoch %d/%d: train loss %.4f acc %.3f%s (%.1f s)", self.epoch, cfg.epochs, train["loss"],
-                     train["accuracy"], val, seconds)
+            log.info("epoch %d/%d: train loss %.4f acc %.3f%s (%.1f s, train %.1f images/s)", self.epoch, cfg.epochs,
+                     train["loss"], train["accuracy"], val, seconds, meter.images_per_s)
 
     # ------------------------------------------------------------------ finish
     def _finish(self) -> tuple[str | None, str | None]:
@@ -627,6 +629,8 @@ class _Training:
         out = self.dir / "sharpness"
         metrics = compute_sharpness(self.raw, self.bundle.train.without_augmentation(), self.cfg.sharpness,
                                     self.device, out)
+        if self.device.type == "cuda":  # issue 23: the Hessian products may set the run's memory peak
+            metrics["gpu/peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         log_sharpness(metrics, out)
 
     def run(self, resume: bool, parent_run_id: str | None) -> TrainResult:

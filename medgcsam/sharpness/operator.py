@@ -16,11 +16,19 @@ Two HVP methods, both exact:
   graph; needs forward-AD formulas for every op).
 Fused attention kernels support neither, so every HVP runs under the math SDPA backend, and TF32
 is switched off for the duration (it adds ~1e-3 relative noise to each product).
+
+On CUDA (``cuda_graph="auto"``, method ``"rev"`` with the first-order graphs kept) a product is one backward
+through graphs that never change while the weights do not, so it is captured once in a CUDA graph and replayed:
+the solvers' products are launch-bound at the batch sizes used (a few ms each). The first-order graphs are built
+on the capture stream (autograd runs backward ops on their forward's stream), one eager product on a probe
+vector is compared with the first replay, and anything that fails falls back to the eager product with a logged
+reason. CPU numerics are untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -29,7 +37,10 @@ from torch import nn
 from torch.func import functional_call, grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from medgcsam.cuda_capture import capture_into
 from medgcsam.sharpness.memory import free_memory, graph_bytes
+
+log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -84,11 +95,13 @@ class HessianOperator:
 
     def __init__(self, model: nn.Module, batches: Sequence[Batch], criterion: Criterion = F.cross_entropy, *,
                  method: str = "rev", device: torch.device | str | None = None,
-                 graph_memory: int | None = None) -> None:
+                 graph_memory: int | None = None, cuda_graph: str = "auto") -> None:
         if method not in ("rev", "fwd"):
             raise ValueError(f"unknown HVP method {method!r}; use 'rev' (double backward) or 'fwd' (jvp of grad)")
         if not batches:
             raise ValueError("HessianOperator needs at least one (x, y) batch")
+        if cuda_graph not in ("auto", "on", "off"):
+            raise ValueError(f"cuda_graph must be 'auto', 'on' or 'off', got {cuda_graph!r}")
         self.model, self.criterion, self.method = model, criterion, method
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -106,6 +119,8 @@ class HessianOperator:
         self.graphs_kept: bool | None = None  # "rev": decided when the first graph is built
         self._graphs: list[list[torch.Tensor] | None] = [None] * len(self.batches)
         self._graphs_at: list[tuple[int, int]] = []  # (data_ptr, version) of each parameter when they were built
+        self.cuda_graph, self.graph_fallback, self.replays = cuda_graph, None, 0  # fallback: why products are eager
+        self._captured: tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, list] | None = None
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views of a flat vector shaped like the parameters (parameters_to_vector order)."""
@@ -117,6 +132,61 @@ class HessianOperator:
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for a flat vector ``v`` of length ``dim``."""
+        self.hvp_count += 1
+        captured = self._replayable()
+        if captured is None:
+            return self._product(v)
+        graph, static_v, static_out, _ = captured
+        static_v.copy_(v)
+        graph.replay()
+        self.replays += 1
+        return static_out.clone()
+
+    def _weights(self) -> list[tuple[int, int]]:
+        return [(p.data_ptr(), p._version) for p in self.params]
+
+    def _replayable(self) -> tuple | None:
+        """The captured product for the current weights (captured now if needed), or None: run it eagerly."""
+        if (self.cuda_graph == "off" or self.graph_fallback is not None or self.device.type != "cuda"
+                or self.method != "rev"):
+            return None
+        if self._captured is not None and self._captured[3] == self._weights():
+            return self._captured
+        self._captured = None  # it read the old weights' activations
+        try:
+            self._captured = self._capture()
+        except Exception as exc:  # noqa: BLE001 - any failure: the eager product is always right
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if self.cuda_graph == "on":
+                raise RuntimeError(f"cuda_graph=on: capturing the Hessian-vector product failed ({reason}); "
+                                   "use cuda_graph=auto (falls back to eager) or off") from exc
+            self.graph_fallback = reason
+            log.warning("CUDA graph capture of the Hessian-vector product failed (%s); products run eagerly", reason)
+        return self._captured
+
+    def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, list]:
+        """Build the first-order graphs on a side stream, run one eager product there, capture it, check it."""
+        side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+        probe = torch.randn(self.dim, dtype=self.dtype, device=self.device,
+                            generator=torch.Generator(self.device).manual_seed(0))
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            self._graphs, self._graphs_at = [None] * len(self.batches), []  # rebuilt on the capture stream
+            expected = self._product(probe)
+        if not self.graphs_kept:
+            raise RuntimeError("the first-order graphs of all batches do not fit in memory together "
+                               "(each product rebuilds them; nothing fixed to capture)")
+        static_v, graph = probe.clone(), torch.cuda.CUDAGraph()
+        with capture_into(graph, self.device, stream=side):
+            static_out = self._product(static_v)
+        main.wait_stream(side)
+        graph.replay()
+        error = float((static_out - expected).norm() / expected.norm().clamp_min(1e-30))
+        if not error <= 1e-4:  # kernels outside the capture would show here
+            raise RuntimeError(f"the replayed product differs from the eager one by {error:.2e} (relative)")
+        return graph, static_v, static_out, self._weights()
+
+    def _product(self, v: torch.Tensor) -> torch.Tensor:
         parts = self.split(v.to(self.dtype))
         out: torch.Tensor | None = None
         with exact_numerics():
@@ -125,7 +195,6 @@ class HessianOperator:
                 flat = _flat(hv)
                 weight = len(y) / self.total
                 out = (flat if weight == 1 else flat.mul_(weight)) if out is None else out.add_(flat, alpha=weight)
-        self.hvp_count += 1
         return out
 
     def gradient(self) -> torch.Tensor:
@@ -156,7 +225,7 @@ class HessianOperator:
 
     def _graph(self, i: int) -> list[torch.Tensor]:
         """Batch ``i``'s first-order graph: the kept one, or a new one (kept if all of them fit)."""
-        weights = [(p.data_ptr(), p._version) for p in self.params]
+        weights = self._weights()
         if weights != self._graphs_at:  # kept graphs hold the old weights' activations
             self._graphs, self._graphs_at = [None] * len(self.batches), weights
         grads = self._graphs[i]
