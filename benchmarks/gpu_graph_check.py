@@ -1,6 +1,6 @@
-"""GPU check sections (b) and (c): eager-vs-graphed weights after N steps, graphed evaluation forward speedup.
+"""GPU check sections (b) and (c): eager-vs-graphed weights after N steps; graphed evaluation forward and HVP speedups.
 
-    python benchmarks/gpu_graph_check.py --device cuda            # the GPU machine (gpu_check.sh)
+    python benchmarks/gpu_graph_check.py --device cuda --sections c  # the GPU machine (gpu_check.sh runs b, c apart)
     python benchmarks/gpu_graph_check.py --device cpu --tiny      # dry run: every code path, tiny sizes
 """
 
@@ -96,15 +96,9 @@ def hvp_check(model_name: str, bs: int, px: int, reps: int, device: torch.device
           f"{abs(g_val - e_val) / max(abs(e_val), 1e-30):.1e}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--tiny", action="store_true")
-    args = ap.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    steps, size = (3, 32) if args.tiny else (50, 64)
+def weights_section(tiny: bool, device: torch.device) -> None:
+    """(b): graphed vs eager, the eager noise floor beside it, with default and with deterministic kernels."""
+    steps, size = (3, 32) if tiny else (50, 64)
     print(f"(b) GCSAM weights after {steps} steps, batch 8, {size} px, relative L2 difference; noise = eager vs "
           "eager, same seed, run twice. Tolerance: fp32 graphed-vs-eager <= 1e-6 (deterministic kernels), or at the "
           "noise floor when kernels are not deterministic; bf16 <= 1e-3")
@@ -121,7 +115,11 @@ def main() -> None:
                     print(f"  {'deterministic' if det else 'default':<13} {model_name:<22} "
                           f"{'fp32' if amp == 'none' else amp:<5} graphed-vs-eager {graphed:.3e}  noise {noise:.3e}  "
                           f"tolerance {limit:.0e} -> {verdict}")
-    bs, px, reps = (4, 32, 2) if args.tiny else (64, 224, 30)
+
+
+def forward_section(tiny: bool, device: torch.device) -> None:
+    """(c): graphed evaluation forward against eager, ResNet-50 bf16."""
+    bs, px, reps = (4, 32, 2) if tiny else (64, 224, 30)
     model = create_model("resnet50", 3, in_chans=3, image_size=px).to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -133,9 +131,24 @@ def main() -> None:
     print(f"(c) evaluation forward resnet50 bs {bs} {px} px bf16: eager {bs / eager_s:.0f} img/s, graphed "
           f"{bs / graph_s:.0f} img/s, speedup {eager_s / graph_s:.2f}x (graphs captured: {len(forward.graphs)}, "
           f"outputs agree: {same})")
-    hvp_sizes = [("resnet18", 2, 32, 2)] if args.tiny else [("resnet18", 32, 64, 20), ("resnet50", 16, 224, 10)]
-    for model_name, hbs, hpx, hreps in hvp_sizes:
-        hvp_check(model_name, hbs, hpx, hreps, device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--sections", default="bc", help="b: weights, c: evaluation forward and HVP timings")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    if "b" in args.sections:
+        weights_section(args.tiny, device)
+    if "c" in args.sections:
+        forward_section(args.tiny, device)
+        hvp_sizes = [("resnet18", 2, 32, 2)] if args.tiny else [("resnet18", 32, 64, 20), ("resnet50", 16, 224, 10)]
+        for model_name, hbs, hpx, hreps in hvp_sizes:
+            hvp_check(model_name, hbs, hpx, hreps, device)
 
 
 if __name__ == "__main__":

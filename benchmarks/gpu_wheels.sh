@@ -9,18 +9,35 @@ get() {
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl "$1"
 }
-pin() { grep -i "^$1==" constraints.txt | head -1; }
+norm() { echo "$1" | tr '[:upper:]' '[:lower:]' | sed -E 's/[-_.]+/-/g'; }  # PEP 503 name normalisation
+pin() {  # the constraints.txt line of a package: pydantic-core finds pydantic_core==..., gitpython GitPython==...
+  local want line
+  want="$(norm "$1")"
+  while IFS= read -r line; do
+    [ "$(norm "${line%%==*}")" = "$want" ] && { echo "$line"; return 0; }
+  done < constraints.txt
+  echo "error: $1 is not pinned in constraints.txt" >&2
+  return 1
+}
+rm -f .whl/*.whl
 # mlflow-skinny (not full mlflow), MONAI, pydantic and its parts, pydicom; versions from constraints.txt
 for name in mlflow-skinny monai pydantic pydantic-core annotated-types typing-inspection pydicom; do
-  spec="$(pin "$name" || true)"
-  get "${spec:-$name}"
+  get "$(pin "$name")"
 done
 # import-time requirements of mlflow-skinny that the GPU image lacks (check each wheel's Requires-Dist)
 for name in cachetools click cloudpickle databricks-sdk gitpython opentelemetry-api opentelemetry-sdk \
-            sqlparse protobuf importlib-metadata; do
-  spec="$(pin "$name" || true)"
-  get "${spec:-$name}" || echo "warning: $name not downloaded"
+            opentelemetry-proto opentelemetry-semantic-conventions sqlparse protobuf importlib-metadata \
+            python-dotenv; do
+  get "$(pin "$name")" || echo "warning: $name not downloaded"
 done
+# every wheel must be the constraints.txt version (a wheel file name is NAME-VERSION-...)
+bad=0
+for whl in .whl/*.whl; do
+  file="$(basename "$whl")"; name="${file%%-*}"; rest="${file#*-}"; version="${rest%%-*}"
+  want="$(pin "$name")" || { bad=1; continue; }
+  [ "${want#*==}" = "$version" ] || { echo "error: $file is not ${want}" >&2; bad=1; }
+done
+[ "$bad" = 0 ] || exit 1
 du -sh .whl
 # BUSI, lossless PNG copy (the files already are PNG): the manifest is rebuilt on the GPU machine
 mkdir -p .gpu_data
