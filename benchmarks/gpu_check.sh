@@ -17,7 +17,7 @@ E_LIMIT="${E_LIMIT:-300}"
 RECIPE_EXPERIMENT="${RECIPE_EXPERIMENT:-}"  # HOOK (issue 19): e.g. pipelines/paper/bus_resnet50_recipe_gpu.yaml
 LOGS="$(mktemp -d /tmp/gpu_check.XXXXXX)"
 T0=$SECONDS
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+if [ "$DRY" != 1 ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # the CPU dry run uses its own env
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     2>&1 | tail -3
   export PYTHONPATH="/tmp/site:$PWD"
