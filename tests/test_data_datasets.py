@@ -290,3 +290,22 @@ def test_every_backend_shrinks_and_shifts_as_the_recipe_says(backend):
             shifts.append(float((out[0] * yy).sum() / out.sum()) - 32.0)
         assert max(abs(s) for s in shifts) <= max_shift + 0.1
         assert max_shift == 0.0 or max(abs(s) for s in shifts) > max_shift / 2  # it does move
+
+
+def test_ultrasound_recipe_keeps_the_skin_line_level_and_the_grey_levels():
+    """Issue 19: the old ultrasound recipe rotated (tilting the skin line, black corners) and re-mapped grey levels
+    with a gamma; a probe does neither. Now a horizontal band stays horizontal and a flat field keeps its value."""
+    t = random_transforms(GREY, "ultrasound", "batched")
+    t.set_random_state(0)
+    band = torch.zeros(16, 1, 64, 64)
+    band[:, :, 10:14, :] = 1.0  # a line across the whole width, as the skin line is
+    out = t({"image": band})["image"]
+    rows = out[:, 0].sum(-1)  # per image: mass per row; a level line keeps every column on the same rows
+    for img, r in zip(out[:, 0], rows, strict=True):
+        lit = (r > 1.0).nonzero().flatten()
+        assert len(lit) and lit.max() - lit.min() <= 5, "the band was tilted"
+        cols = img[:, 16:48].sum(0)  # inside the field (scale >= 0.8, shift <= 10%) every column sees the band
+        assert cols.max() - cols.min() < 1e-3 * 64 + 0.05
+    flat = torch.full((16, 1, 64, 64), 0.5)
+    centre = t({"image": flat})["image"][:, :, 28:36, 28:36]
+    torch.testing.assert_close(centre, torch.full_like(centre, 0.5), atol=1e-4, rtol=0)
