@@ -11,7 +11,13 @@ import torch
 from medgcsam.config import DataConfig
 from medgcsam.data.datasets import BatchInputs, build_datasets, build_loaders
 from medgcsam.data.io import ImageReadError, read_image
-from medgcsam.data.transforms import AugmentRecipe, BatchAugmentd, build_transforms, deterministic_transforms
+from medgcsam.data.transforms import (
+    AugmentRecipe,
+    BatchAugmentd,
+    build_transforms,
+    deterministic_transforms,
+    random_transforms,
+)
 from medgcsam.models.factory import InputSpec, create_model, input_spec
 from tests.helpers_images import make_manifest, synthetic_pixels, write_image
 
@@ -261,3 +267,45 @@ def test_pipeline_feeds_a_timm_model(manifest):
     val = next(iter(loaders["val"]))  # no augmentation: exactly the dataset's own normalized items
     expected = torch.stack([bundle.val[int(i)]["image"] for i in val["index"]])
     torch.testing.assert_close(BatchInputs(spec, "cpu")(val["image"]), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["monai", "albumentations", "batched"])
+def test_every_backend_shrinks_and_shifts_as_the_recipe_says(backend):
+    """zoom < 1 shrinks the content (the plain recipe's scale 0.8-1.0) and translate moves it by up to that
+    fraction of the side, the same in all three backends (MONAI's scale is the inverse of a zoom)."""
+    spec = InputSpec(64, 1, (0.5,), (0.25,))
+    yy, xx = torch.meshgrid(torch.arange(64.0) + 0.5, torch.arange(64.0) + 0.5, indexing="ij")
+    disk = _disk(12.0)
+    for recipe, area, max_shift in ((AugmentRecipe(zoom=(0.8, 0.8), zoom_p=1.0), 0.64, 0.0),
+                                    (AugmentRecipe(translate=0.1, translate_p=1.0), 1.0, 6.4)):
+        t = random_transforms(spec, backend=backend, recipe=recipe)
+        t.set_random_state(0)
+        shifts = []
+        for _ in range(30):
+            x = (disk * 255).to(torch.uint8) if backend == "albumentations" else disk.clone()
+            out = torch.as_tensor(t({"image": x})["image"]).float()
+            out = out / 255 if out.max() > 1.5 else out
+            assert abs(float(out.sum() / disk.sum()) - area) < 0.03
+            shifts.append(float((out[0] * xx).sum() / out.sum()) - 32.0)
+            shifts.append(float((out[0] * yy).sum() / out.sum()) - 32.0)
+        assert max(abs(s) for s in shifts) <= max_shift + 0.1
+        assert max_shift == 0.0 or max(abs(s) for s in shifts) > max_shift / 2  # it does move
+
+
+def test_ultrasound_recipe_keeps_the_skin_line_level_and_the_grey_levels():
+    """Issue 19: the old ultrasound recipe rotated (tilting the skin line, black corners) and re-mapped grey levels
+    with a gamma; a probe does neither. Now a horizontal band stays horizontal and a flat field keeps its value."""
+    t = random_transforms(GREY, "ultrasound", "batched")
+    t.set_random_state(0)
+    band = torch.zeros(16, 1, 64, 64)
+    band[:, :, 10:14, :] = 1.0  # a line across the whole width, as the skin line is
+    out = t({"image": band})["image"]
+    rows = out[:, 0].sum(-1)  # per image: mass per row; a level line keeps every column on the same rows
+    for img, r in zip(out[:, 0], rows, strict=True):
+        lit = (r > 1.0).nonzero().flatten()
+        assert len(lit) and lit.max() - lit.min() <= 5, "the band was tilted"
+        cols = img[:, 16:48].sum(0)  # inside the field (scale >= 0.8, shift <= 10%) every column sees the band
+        assert cols.max() - cols.min() < 1e-3 * 64 + 0.05
+    flat = torch.full((16, 1, 64, 64), 0.5)
+    centre = t({"image": flat})["image"][:, :, 28:36, 28:36]
+    torch.testing.assert_close(centre, torch.full_like(centre, 0.5), atol=1e-4, rtol=0)

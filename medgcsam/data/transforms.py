@@ -56,13 +56,22 @@ class AugmentRecipe:
     zoom_p: float = 0.0
     gamma: tuple[float, float] = (1.0, 1.0)
     gamma_p: float = 0.0
+    translate: float = 0.0  # largest shift per axis, as a fraction of the side
+    translate_p: float = 0.0
+
+    @property
+    def affine_p(self) -> float:
+        """Probability of the one resampling that applies rotation, zoom and shift together."""
+        return max(self.rotate_p, self.zoom_p, self.translate_p)
 
 
-# Ultrasound: the skin line is at the top, so never flip vertically; left/right is arbitrary.
+# Ultrasound: the skin line is at the top, so never flip vertically; left/right is arbitrary. Every image is
+# scaled down by up to 20% and shifted by up to 10% (the plain recipe of docs/results/recipe/README.md); no
+# rotation (its black corners and tilted skin line are not what a probe produces), no zoom-in (it cut lesion
+# margins off the field) and no gamma (the scanner's gain curve is part of the appearance).
 # X-ray: no flips at all (the heart's side is anatomy, not noise); small rotations and zoom only.
 AUGMENT_RECIPES: dict[str, AugmentRecipe] = {
-    "ultrasound": AugmentRecipe(hflip=0.5, rotate_deg=10, rotate_p=0.5, zoom=(0.9, 1.1), zoom_p=0.5,
-                                gamma=(0.8, 1.25), gamma_p=0.3),
+    "ultrasound": AugmentRecipe(hflip=0.5, zoom=(0.8, 1.0), zoom_p=1.0, translate=0.1, translate_p=1.0),
     "xray": AugmentRecipe(rotate_deg=7, rotate_p=0.5, zoom=(0.92, 1.08), zoom_p=0.5, gamma=(0.8, 1.25), gamma_p=0.3),
     "generic": AugmentRecipe(hflip=0.5, rotate_deg=15, rotate_p=0.5, zoom=(0.9, 1.1), zoom_p=0.5,
                              gamma=(0.8, 1.25), gamma_p=0.3),
@@ -145,9 +154,11 @@ class AlbumentationsAugmentd(MapTransform, Randomizable):
         ops = []
         if recipe.hflip:
             ops.append(A.HorizontalFlip(p=recipe.hflip))
-        if recipe.rotate_p or recipe.zoom_p:
+        if recipe.affine_p:
+            t = recipe.translate
             ops.append(A.Affine(rotate=(-recipe.rotate_deg, recipe.rotate_deg), scale=recipe.zoom,
-                                border_mode=0, fill=0, p=max(recipe.rotate_p, recipe.zoom_p)))
+                                translate_percent={"x": (-t, t), "y": (-t, t)}, border_mode=0, fill=0,
+                                p=recipe.affine_p))
         if recipe.gamma_p:
             ops.append(A.RandomGamma(gamma_limit=(recipe.gamma[0] * 100, recipe.gamma[1] * 100), p=recipe.gamma_p))
         self.compose = A.Compose(ops)
@@ -195,11 +206,12 @@ class BatchAugmentd(MapTransform, Randomizable):
         r, rng = self.recipe, self.R
         return {
             "flip": rng.random_sample(n) < r.hflip,
-            "affine": rng.random_sample(n) < max(r.rotate_p, r.zoom_p),
+            "affine": rng.random_sample(n) < r.affine_p,
             "angle": np.deg2rad(rng.uniform(-r.rotate_deg, r.rotate_deg, n)),
             "zoom": rng.uniform(r.zoom[0], r.zoom[1], n),
             "gamma_on": rng.random_sample(n) < r.gamma_p,
             "gamma": np.exp(rng.uniform(np.log(r.gamma[0]), np.log(r.gamma[1]), n)),
+            "shift": rng.uniform(-r.translate, r.translate, (n, 2)),  # drawn last: older recipes keep their draws
         }
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -216,7 +228,7 @@ class BatchAugmentd(MapTransform, Randomizable):
             for i in np.flatnonzero(p["flip"]):
                 batch[i] = batch[i].flip(-1)
             for i in np.flatnonzero(p["affine"]):
-                batch[i] = _rotate_zoom(batch[i], float(p["angle"][i]), float(p["zoom"][i]))
+                batch[i] = _rotate_zoom(batch[i], float(p["angle"][i]), float(p["zoom"][i]), p["shift"][i])
             d[key] = x
         return d
 
@@ -231,10 +243,12 @@ def _gamma_(img: torch.Tensor, gamma: float) -> None:
         img.clamp_(0.0, 1.0).pow_(gamma)
 
 
-def _rotate_zoom(img: torch.Tensor, angle: float, zoom: float) -> torch.Tensor:
-    """Rotate by ``angle`` (radians) and magnify by ``zoom`` about the centre, bilinear, zero outside."""
+def _rotate_zoom(img: torch.Tensor, angle: float, zoom: float, shift: Sequence[float] = (0.0, 0.0)) -> torch.Tensor:
+    """Rotate by ``angle`` (radians) and magnify by ``zoom`` about the centre, then move the content by ``shift``
+    (x, y; fractions of the side), bilinear, zero outside."""
     c, s = np.cos(angle) / zoom, np.sin(angle) / zoom  # output -> input sampling: the inverse transform
-    theta = torch.tensor([[[c, -s, 0.0], [s, c, 0.0]]], dtype=torch.float32)
+    dx, dy = 2.0 * float(shift[0]), 2.0 * float(shift[1])  # grid units span [-1, 1]: a side is 2
+    theta = torch.tensor([[[c, -s, -(c * dx - s * dy)], [s, c, -(s * dx + c * dy)]]], dtype=torch.float32)
     grid = F.affine_grid(theta, [1, *img.shape], align_corners=False)
     out = F.grid_sample(img[None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
     return out.round_().clamp_(0, 255).to(torch.uint8) if img.dtype == torch.uint8 else out
@@ -315,13 +329,14 @@ def deterministic_transforms(spec: InputSpecLike, modality: str = "generic", *, 
 
 
 def random_transforms(spec: InputSpecLike, modality: str = "generic", backend: str = "monai",
-                      keys: Sequence[Hashable] = ("image",), inplace: bool = False) -> Compose:
-    """Augmentation on the [0, 1] image, before normalization; recipes in ``AUGMENT_RECIPES``.
+                      keys: Sequence[Hashable] = ("image",), inplace: bool = False,
+                      recipe: AugmentRecipe | None = None) -> Compose:
+    """Augmentation on the [0, 1] image, before normalization: ``recipe``, else the modality's in ``AUGMENT_RECIPES``.
 
     ``inplace`` (``batched`` only) lets a caller that owns the buffer skip the defensive copy."""
     if modality not in AUGMENT_RECIPES:
         raise ValueError(f"unknown modality {modality!r}; use one of {sorted(AUGMENT_RECIPES)}")
-    recipe = AUGMENT_RECIPES[modality]
+    recipe = recipe or AUGMENT_RECIPES[modality]
     if backend == "albumentations":
         return Compose([AlbumentationsAugmentd(keys, recipe)])
     if backend == "batched":
@@ -331,11 +346,14 @@ def random_transforms(spec: InputSpecLike, modality: str = "generic", backend: s
     steps: list[Callable] = []
     if recipe.hflip:
         steps.append(RandFlipd(keys, prob=recipe.hflip, spatial_axis=1))  # axis 1 of (H, W) = left/right
-    if recipe.rotate_p or recipe.zoom_p:
-        # One resampling for rotation and zoom together (as the albumentations recipe does): half the cost of two.
-        steps.append(RandAffined(keys, prob=max(recipe.rotate_p, recipe.zoom_p),
+    if recipe.affine_p:
+        # One resampling for rotation, zoom and shift together (as the albumentations recipe does).
+        shift = recipe.translate * spec.image_size
+        steps.append(RandAffined(keys, prob=recipe.affine_p,
                                  rotate_range=float(np.deg2rad(recipe.rotate_deg)),
-                                 scale_range=max(1.0 - recipe.zoom[0], recipe.zoom[1] - 1.0),
+                                 # MONAI scales the sampling grid (1.25 shows the content at 1/1.25): 1/zoom
+                                 scale_range=[(1.0 / recipe.zoom[1] - 1.0, 1.0 / recipe.zoom[0] - 1.0)] * 2,
+                                 translate_range=(shift, shift),
                                  padding_mode="zeros", mode="bilinear",
                                  spatial_size=(spec.image_size, spec.image_size), cache_grid=True))
     if recipe.gamma_p:
