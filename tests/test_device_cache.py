@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -21,7 +23,7 @@ from medgcsam.models.factory import InputSpec
 from tests.helpers_images import make_manifest
 
 RGB = InputSpec(32, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-RECIPE = AUGMENT_RECIPES["generic"]
+RECIPE = dataclasses.replace(AUGMENT_RECIPES["generic"], translate=0.1)  # every op of every recipe
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +61,8 @@ def test_device_draws_follow_the_cpu_recipe_distribution() -> None:
         assert abs(float(dev[key].float().mean()) - p) < 4 * np.sqrt(p * (1 - p) / n) * np.sqrt(2)
     for key in ("angle", "zoom", "gamma"):
         assert stats.ks_2samp(dev[key].numpy(), cpu[key]).pvalue > 1e-3, key
+    for axis in (0, 1):  # the shift of each axis
+        assert stats.ks_2samp(dev["shift"][:, axis].numpy(), cpu["shift"][:, axis]).pvalue > 1e-3, axis
 
 
 def test_batched_device_augmentation_equals_the_cpu_ops_image_by_image() -> None:
@@ -76,7 +80,7 @@ def test_batched_device_augmentation_equals_the_cpu_ops_image_by_image() -> None
         if p["flip"][i]:
             ref = ref.flip(-1)
         if p["affine"][i]:
-            ref = _rotate_zoom(ref, float(p["angle"][i]), float(p["zoom"][i]))
+            ref = _rotate_zoom(ref, float(p["angle"][i]), float(p["zoom"][i]), p["shift"][i].tolist())
         diff = (out[i] - ref.float()).abs()
         assert float(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01, i
 

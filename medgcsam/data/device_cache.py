@@ -3,8 +3,8 @@
 A graphed ResNet-50 GCSAM step consumes ~1 200 images/s at 224 px; CPU decode and per-item augmentation in
 DataLoader workers do not keep up (``../shared/reference/gpu.md`` section 3). So the deterministic part (read,
 channels, resize, pad) is cached once as uint8 at training resolution, and each batch is gathered, augmented
-with the current recipe of ``BatchAugmentd`` (gamma, horizontal flip, rotation + zoom, in that order, rounded
-to uint8 levels after each like the CPU path) and normalised on the device, with no worker in the hot path.
+with the current recipe of ``BatchAugmentd`` (gamma, horizontal flip, rotation + zoom + shift, in that order,
+rounded to uint8 levels after each like the CPU path) and normalised on the device, with no worker in the hot path.
 
 Randomness is counter-based: every draw is a hash of (seed, epoch, sample index, draw number), so a batch is
 the same whatever came before it (reruns and mid-epoch resumes reproduce it exactly) and the code is the same
@@ -34,7 +34,7 @@ DeviceCacheMode = Literal["auto", "on", "off"]
 DEVICE_CACHE_MODES = ("auto", "on", "off")
 GPU_SHARE = 0.25  # auto: the cache may take this share of the free GPU memory; the rest is for training
 _M32 = 0xFFFFFFFF
-_DRAWS = 6  # per sample: flip, affine on, angle, zoom, gamma on, gamma
+_DRAWS = 8  # per sample: flip, affine on, angle, zoom, gamma on, gamma, shift x, shift y
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -67,16 +67,17 @@ def draw_params(recipe: AugmentRecipe, u: torch.Tensor) -> dict[str, torch.Tenso
     """The recipe's per-sample parameters from uniforms (same distributions as ``BatchAugmentd._draw``)."""
     return {
         "flip": u[:, 0] < recipe.hflip,
-        "affine": u[:, 1] < max(recipe.rotate_p, recipe.zoom_p),
+        "affine": u[:, 1] < recipe.affine_p,
         "angle": torch.deg2rad(-recipe.rotate_deg + u[:, 2] * (2 * recipe.rotate_deg)),
         "zoom": recipe.zoom[0] + u[:, 3] * (recipe.zoom[1] - recipe.zoom[0]),
         "gamma_on": u[:, 4] < recipe.gamma_p,
         "gamma": torch.exp(math.log(recipe.gamma[0]) + u[:, 5] * math.log(recipe.gamma[1] / recipe.gamma[0])),
+        "shift": -recipe.translate + u[:, 6:8] * (2 * recipe.translate),  # (x, y), fractions of the side
     }
 
 
 def augment_batch(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float (B, C, H, W) holding uint8 levels: gamma, flip, rotation + zoom.
+    """uint8 (B, C, H, W) -> float (B, C, H, W) holding uint8 levels: gamma, flip, rotation + zoom + shift.
 
     Static shapes and no host sync: every op runs on the whole batch and ``torch.where`` picks per sample,
     so it can sit in front of a captured step."""
@@ -87,8 +88,9 @@ def augment_batch(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     f = torch.where(p["gamma_on"].view(b, 1, 1, 1), gamma, f)
     f = torch.where(p["flip"].view(b, 1, 1, 1), f.flip(-1), f)
     c, s = torch.cos(p["angle"]) / p["zoom"], torch.sin(p["angle"]) / p["zoom"]
-    zero = torch.zeros_like(c)
-    theta = torch.stack([torch.stack([c, -s, zero], 1), torch.stack([s, c, zero], 1)], 1).to(f.dtype)
+    dx, dy = 2.0 * p["shift"][:, 0], 2.0 * p["shift"][:, 1]  # grid units span [-1, 1]: a side is 2
+    tx, ty = -(c * dx - s * dy), -(s * dx + c * dy)  # as transforms._rotate_zoom: move the content by the shift
+    theta = torch.stack([torch.stack([c, -s, tx], 1), torch.stack([s, c, ty], 1)], 1).to(f.dtype)
     grid = F.affine_grid(theta, list(f.shape), align_corners=False)
     warped = F.grid_sample(f, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     warped = warped.round_().clamp_(0, 255)
