@@ -117,7 +117,12 @@ print(min(12, cells_per_gpu(free, peak)) if free and peak else 8)")
 fi
 [ "$DRY" = 1 ] && E_WORKERS=1
 RECIPE_WORKERS=0
-if [ -n "$RECIPE_EXPERIMENT" ]; then RECIPE_WORKERS=$(( E_WORKERS / 2 > 0 ? E_WORKERS / 2 : 1 )); E_WORKERS=$(( E_WORKERS - RECIPE_WORKERS > 0 ? E_WORKERS - RECIPE_WORKERS : 1 )); fi
+if [ -n "$RECIPE_EXPERIMENT" ]; then  # the recipe's cells first: all at once (RECIPE_WORKERS), the rest to (e)
+  RECIPE_WORKERS=${RECIPE_WORKERS_MAX:-9}
+  [ "$DRY" = 1 ] && RECIPE_WORKERS=1
+  E_WORKERS=$(( E_WORKERS - RECIPE_WORKERS > 2 ? E_WORKERS - RECIPE_WORKERS : 2 ))
+fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # 16 cores shared by every cell's process
 E_LIMIT=$(( E_LIMIT < $(left) - 40 ? E_LIMIT : $(left) - 40 ))
 E_YAML=pipelines/paper/bus_resnet50_presets_gpu.yaml
 echo "=== (e) $E_YAML: $E_WORKERS workers (free ${FREE_MB} MiB, peak per cell from (d) ${PEAK_MB:-?} MiB), hard limit ${E_LIMIT} s"
@@ -158,6 +163,9 @@ fi
 if [ -n "${OUT:-}" ]; then  # at most 8 files come back: one log of everything, one archive of the cell logs
   for f in "$LOGS"/*.log; do echo "##### $(basename "$f")"; cat "$f"; done >"$OUT/gpu_check_full.log"
   find outputs /tmp/gpu_check_d -name "*.log" 2>/dev/null | tar -czf "$OUT/gpu_check_cell_logs.tar.gz" -T - 2>/dev/null
+  # the experiments' MLflow stores and reports (no checkpoints), to rebuild the reports with --report-only
+  tar -czf "$OUT/gpu_check_experiments.tar.gz" --exclude="*.pt" /tmp/gpu_check_e.db /tmp/gpu_check_recipe.db \
+    outputs/experiments 2>/dev/null
 fi
 
 echo

@@ -13,7 +13,7 @@ import argparse
 import statistics
 from collections import defaultdict
 
-from medgcsam.experiments.runner import ExperimentRunner
+from medgcsam.experiments.runner import Experiment
 
 PEAK = "gpu/peak_memory_mb"
 COLUMNS = (("test/accuracy", "test acc"), ("test/balanced_accuracy", "test bal acc"), ("hessian_top_eig", "top eig"))
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--wall", type=float, default=float("nan"), help="seconds the experiment ran")
     ap.add_argument("--free-mb", type=float, default=None, help="free GPU memory before the run (sizing rule)")
     args = ap.parse_args()
-    runner = ExperimentRunner(args.experiment, tracking_uri=args.tracking_uri)
+    runner = Experiment(args.experiment, tracking_uri=args.tracking_uri)
     name = runner.config.name
     parent = runner.parent_run_id(create=False)
     if parent is None:
@@ -64,6 +64,9 @@ def main() -> None:
             n = max((len(v) for v in values.values()), default=0)
             cells = [f"{statistics.fmean(values[k]):13.4f}" if values.get(k) else f"{'-':>13}" for k, _ in COLUMNS]
             print(f"  {method:<10} {n:>2} " + " ".join(cells))
+        for method, values in sorted(by_method.items()):  # per seed, for paired intervals later
+            for key, title in COLUMNS:
+                print(f"  {method:<10} {title:<13} per cell: " + ", ".join(f"{v:.4f}" for v in values.get(key, [])))
 
 
 if __name__ == "__main__":
