@@ -62,6 +62,7 @@ _METRIC_KEY = re.compile(r"[^\w\-. /]")  # characters MLflow refuses in metric k
 
 
 STAGES_FILE = "finished_stages.json"  # which end-of-training stages this run has done
+UNSENT, TRACE = "unsent_metrics.json", "grad_norm_trace.csv"
 
 
 class FinishError(RuntimeError):
@@ -140,6 +141,7 @@ class _Training:
         self.epoch_times: list[float] = []
         self.grad_trace: list[list[float]] = []
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_sha256: str | None = None  # of best_state, as last.pt records it
         self.stopped = False
 
     # ------------------------------------------------------------------ setup
@@ -298,10 +300,8 @@ class _Training:
     def _save(self, meter: TrainMeter | None, *, best: bool = False) -> None:
         if not self.ctx.is_main:
             return
-        payload = self._payload(meter)
-        ckpt_io.save_checkpoint(self.ckpt_dir / ckpt_io.LAST, payload)
-        if best:
-            ckpt_io.save_checkpoint(self.ckpt_dir / ckpt_io.BEST, payload)
+        self.best_sha256 = ckpt_io.save_pair(self.ckpt_dir, self._payload(meter), best=best,
+                                             best_sha256=self.best_sha256)
 
     def _resume(self) -> dict[str, Any]:
         state = ckpt_io.load_checkpoint(self.ckpt_dir / ckpt_io.LAST)
@@ -324,9 +324,7 @@ class _Training:
             setattr(self, name, state[name])
         self.step_in_epoch = state["step"]
         self.run_id = state["mlflow_run_id"]
-        best_path = self.ckpt_dir / ckpt_io.BEST
-        if best_path.is_file():
-            self.best_state = ckpt_io.load_checkpoint(best_path)["model"]
+        self.best_state, self.best_sha256 = ckpt_io.load_best(self.ckpt_dir, state)
         return state
 
     # ------------------------------------------------------------------ tracking
@@ -356,7 +354,7 @@ class _Training:
             mlflow.log_dict({"manifest": str(cfg.data.manifest), "manifest_sha256": self.bundle.manifest_sha256,
                              "classes": self.class_names, "counts": counts}, "config/split_summary.json")
         self.metrics_log = ResilientMetricLogger(mlflow.MlflowClient(), self.run_id,
-                                                 spill_path=self.dir / "unsent_metrics.json",
+                                                 spill_path=self.dir / UNSENT,
                                                  timeout_s=cfg.tracking.connect_timeout_s)
         if resumed:
             self._backfill()
@@ -530,9 +528,9 @@ class _Training:
         if not self.ctx.is_main:
             return None, None
         cfg = self.cfg
-        trace_csv = self.dir / "grad_norm_trace.csv"
-        trace_csv.write_text("step,grad_norm,grad_norm_gc\n" + "".join(
-            f"{int(s)},{a:.8g},{b:.8g}\n" for s, a, b in self.grad_trace), encoding="utf-8")
+        trace_csv = self.dir / TRACE
+        replace_atomically(trace_csv, lambda fh: fh.write("step,grad_norm,grad_norm_gc\n" + "".join(
+            f"{int(s)},{a:.8g},{b:.8g}\n" for s, a, b in self.grad_trace)))
         self.metrics_log.close()
         self._stage("curves", f"logging the training curves to {self.uri}", lambda: self._log_training(trace_csv))
         if cfg.evaluation.enabled:
@@ -621,6 +619,8 @@ class _Training:
             torch.backends.cudnn.benchmark = False
         self._build()
         self._check_registry()
+        if self.ctx.is_main:  # before anything is written: temp files of writes a kill interrupted
+            ckpt_io.remove_stale_files(self.ckpt_dir, *(self.dir / n for n in (STAGES_FILE, UNSENT, TRACE)))
         state = self._resume() if resume else None
         if state is None and (self.ckpt_dir / ckpt_io.LAST).is_file() and self.ctx.is_main:
             log.warning("starting a new run over the checkpoints in %s (pass --resume to continue them)",
