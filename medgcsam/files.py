@@ -82,9 +82,9 @@ def pause_point(name: str) -> None:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path, what: str, error: type[Exception] = LockedError) -> Iterator[None]:
+def exclusive_lock(path: Path, what: str, fix: str, error: type[Exception] = LockedError) -> Iterator[None]:
     """Hold ``path`` (a lock file holding our pid) while writing ``what``; a second process is refused with
-    ``error`` naming the holder. ``flock`` dies with its process, so a lock left by a killed job
+    ``error`` naming the holder and the ``fix``. ``flock`` dies with its process, so a lock left by a killed job
     is stale by construction and simply taken over; the file is removed on release."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -95,8 +95,7 @@ def exclusive_lock(path: Path, what: str, error: type[Exception] = LockedError) 
             os.close(fd)
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            raise error(f"{what} is being written by another process ({holder}, lock file {path}); wait "
-                              f"for it to finish, or write to another output") from None
+            raise error(f"{what} is being written by another process ({holder}, lock file {path}); {fix}") from None
         try:  # the holder may have released (and removed) the file between our open and our flock
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:

@@ -58,13 +58,20 @@ def run_cli(*args: str, timeout: float = 300) -> tuple[int, str]:
     return proc.returncode, output
 
 
-def kill_at_marker(proc: subprocess.Popen, marker: Path, timeout: float = 240) -> None:
-    """SIGKILL ``proc`` once it has paused at its point (the marker names its pid)."""
+def wait_for_marker(proc: subprocess.Popen, marker: Path, timeout: float = 240) -> None:
+    """Until ``proc`` has paused at its point (the marker names its pid)."""
     deadline = time.monotonic() + timeout
     while not marker.is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert marker.is_file(), f"the process never reached its pause point:\n{proc.communicate(timeout=30)[0]}"
+    if not marker.is_file():
+        proc.kill()
+        pytest.fail(f"the process never reached its pause point:\n{proc.communicate(timeout=30)[0]}")
     assert int(marker.read_text()) == proc.pid
+
+
+def kill_at_marker(proc: subprocess.Popen, marker: Path) -> None:
+    """SIGKILL ``proc`` once it has paused at its point."""
+    wait_for_marker(proc, marker)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(30)
 
@@ -128,6 +135,47 @@ def test_resume_refuses_a_best_checkpoint_that_last_does_not_name(images, tmp_pa
     assert "do not belong together" in output and "best.pt" in output and "Traceback" not in output
 
 
+def test_second_training_into_the_same_run_folder_is_refused(images, tmp_path):
+    """Same class as defect 4: two trainings of one pipeline wrote the same checkpoints (and the second now
+    removes temp files it takes for stale ones); the second is refused, naming the first."""
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(_no_val_config(images, tmp_path / "out")))
+    ckpt = tmp_path / "out" / "faults" / "checkpoints"
+    marker = tmp_path / "paused"
+    first = start_cli("train", str(config), pause_at="replace last.pt#2", marker=marker)
+    try:
+        wait_for_marker(first, marker)
+        code, output = run_cli("train", str(config))
+        assert code == 2, output
+        assert f"pid {first.pid}" in output and "being written by another process" in output
+        assert "Traceback" not in output
+        assert list(ckpt.glob(".last.pt.*.tmp")), "the first run's checkpoint write was disturbed"
+    finally:
+        first.kill()
+        first.wait(30)
+    code, output = run_cli("train", str(config), "--resume")
+    assert code == 0, output
+    assert sorted(p.name for p in ckpt.iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_sigkill_after_registration_then_resume_registers_one_version(images, tmp_path):
+    """Same class as defect 1, found while looking: killed after MLflow registered the model but before the run
+    recorded the stage as done, ``--resume`` registered a second version of the same run."""
+    raw = tiny_config(images, tmp_path / "out", "registered", "adam", epochs=1)
+    raw["tracking"] = {"log_model": True, "register_as": "faults-once", "alias": "champion"}
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    marker = tmp_path / "paused"
+    kill_at_marker(start_cli("train", str(config), pause_at="model registered", marker=marker), marker)
+
+    code, output = run_cli("train", str(config), "--resume")
+    assert code == 0, output
+    assert "registered: models:/faults-once@champion (version 1)" in output
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    assert [v.version for v in client.search_model_versions("name = 'faults-once'")] == ["1"]
+    assert client.get_model_version_by_alias("faults-once", "champion").version == "1"
+
+
 # --------------------------------------------------------------------------- predict (3, 4)
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
@@ -184,10 +232,7 @@ def test_second_predict_on_the_same_output_is_refused_while_the_first_runs(photo
                       "--batch-size", "1", "--num-workers", "0", "--no-progress",
                       pause_at="predict batch written#4", marker=marker)
     try:
-        deadline = time.monotonic() + 120
-        while not marker.is_file() and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marker.is_file(), first.communicate(timeout=30)[0]
+        wait_for_marker(first, marker)
         rows_before = partial_path(out).read_bytes()
         code, output = _predict(model, photos, out)
         assert code == 2, output

@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from medgcsam.files import pause_point, remove_stale_temps, temp_path
+from medgcsam.files import exclusive_lock, pause_point, remove_stale_temps, temp_path
 
 LAST, BEST = "last.pt", "best.pt"
 STAGED = "best.pt.staged"  # a new best.pt, written before last.pt names it
+RUN_LOCK = "train.lock"  # in the run folder, while a process trains into it
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,14 @@ def save_pair(directory: Path, payload: dict[str, Any], *, best: bool, best_sha2
         pause_point("commit best.pt")
         os.replace(directory / STAGED, directory / BEST)
     return best_sha256
+
+
+def lock_run(directory: Path) -> contextlib.AbstractContextManager:
+    """Held by the one process training into ``directory``: a second would overwrite its checkpoints (and take
+    its temp files for stale ones); a lock left by a killed run is taken over."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return exclusive_lock(directory / RUN_LOCK, f"run folder {directory}",
+                          "wait for it to finish, or give this run another name or output_dir", error=CheckpointError)
 
 
 def remove_stale_files(directory: Path, *others: Path) -> None:

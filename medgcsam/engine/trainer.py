@@ -99,7 +99,9 @@ def train(cfg: PipelineConfig, *, resume: bool = False, tracking_uri: str | None
     check_hyperparameters(cfg.optimizer.name, cfg.optimizer.base, cfg.optimizer.hyperparameters)
     ctx = init_distributed(cfg.train.device)
     try:
-        return _Training(cfg, ctx, tracking_uri=tracking_uri, started=started).run(resume, parent_run_id)
+        training = _Training(cfg, ctx, tracking_uri=tracking_uri, started=started)
+        with training.lock:
+            return training.run(resume, parent_run_id)
     finally:
         shutdown(ctx)
 
@@ -142,6 +144,7 @@ class _Training:
         self.grad_trace: list[list[float]] = []
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_sha256: str | None = None  # of best_state, as last.pt records it
+        self.lock = contextlib.ExitStack()  # rank 0 holds the run folder's lock in it until train() returns
         self.stopped = False
 
     # ------------------------------------------------------------------ setup
@@ -572,10 +575,12 @@ class _Training:
                 figs.close(fig)
 
     def _log_model(self) -> dict[str, str | None]:
-        from medgcsam.inference.package import log_classifier
+        from medgcsam.inference.package import log_classifier, registered_by_run
 
         cfg = self.cfg
         alias = cfg.tracking.alias if cfg.tracking.register_as else None
+        if cfg.tracking.register_as and (done := registered_by_run(cfg.tracking.register_as, self.run_id, alias)):
+            return done  # registered before a kill stopped this stage being recorded: no second version
         info = log_classifier(self.raw, self.spec, name="model", registered_model_name=cfg.tracking.register_as,
                               alias=alias)
         version = info.registered_model_version
@@ -619,7 +624,8 @@ class _Training:
             torch.backends.cudnn.benchmark = False
         self._build()
         self._check_registry()
-        if self.ctx.is_main:  # before anything is written: temp files of writes a kill interrupted
+        if self.ctx.is_main:  # before anything is written: one process per run folder; its killed writes' temps
+            self.lock.enter_context(ckpt_io.lock_run(self.dir))
             ckpt_io.remove_stale_files(self.ckpt_dir, *(self.dir / n for n in (STAGES_FILE, UNSENT, TRACE)))
         state = self._resume() if resume else None
         if state is None and (self.ckpt_dir / ckpt_io.LAST).is_file() and self.ctx.is_main:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -191,7 +192,9 @@ def predict(
         try:
             output.parent.mkdir(parents=True, exist_ok=True)
             # a second job on this output would truncate the first one's .partial under it
-            held.enter_context(exclusive_lock(lock_path(output), f"--output {output}", error=PredictionError))
+            held.enter_context(exclusive_lock(lock_path(output), f"--output {output}",
+                                            "wait for it to finish, or write to another --output",
+                                            error=PredictionError))
         except OSError as exc:
             raise PredictionError(f"cannot write beside --output {output} ({exc.strerror or exc}); give a path in a "
                                   f"folder this user can write to") from None
@@ -291,7 +294,7 @@ def _previous_rows(output: Path, spec: ModelSpec, card: dict[str, object],
         text = source.read_bytes().decode("utf-8", "replace")
         if not text.endswith("\n"):  # the last row was being written when the job was killed
             text, damaged = text[: text.rfind("\n") + 1], damaged + 1
-        reader = csv.reader(text.splitlines(keepends=True))
+        reader = csv.reader(io.StringIO(text, newline=""))
         header = next(reader, None)
         if header is None:
             continue
