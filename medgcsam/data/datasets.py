@@ -219,16 +219,14 @@ class ManifestDataset(Dataset):
         if self._memory is not None or len(self) == 0:
             return
         loader = DataLoader(_Preprocessed(self), batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                            collate_fn=list)
+                            collate_fn=_collate_preprocessed)
         shape = (len(self), self.spec.channels, self.spec.image_size, self.spec.image_size)
         memory = torch.empty(shape, dtype=torch.uint8) if self.cache == "memory" else None
         failures = []
-        for batch in loader:
-            for index, image, reason in batch:
-                if reason is not None:
-                    failures.append((index, reason))
-                elif memory is not None:
-                    memory[index] = image
+        for indices, images, batch_failures in loader:
+            failures += batch_failures
+            if memory is not None and indices:
+                memory[torch.as_tensor(indices)] = images
         if failures:
             raise UnreadableRowsError(self._unreadable_message(failures))
         self._memory = memory
@@ -302,6 +300,14 @@ class ManifestDataset(Dataset):
         clone = object.__new__(ManifestDataset)
         clone.__dict__.update({**self.__dict__, **changes, "_buffers": {}})
         return clone
+
+
+def _collate_preprocessed(items: list[tuple[int, torch.Tensor | None, str | None]]
+                          ) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    """(indices, their images stacked, (index, reason) of the rows that failed) for one batch of the cache fill."""
+    good = [(i, x) for i, x, _ in items if x is not None]
+    images = default_collate([x for _, x in good]) if good else None
+    return [i for i, _ in good], images, [(i, reason) for i, x, reason in items if x is None]
 
 
 def _remove_abandoned_temps(folder: Path, age_s: float = 3600.0) -> None:
