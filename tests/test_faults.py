@@ -171,9 +171,10 @@ def test_sigkill_after_registration_then_resume_registers_one_version(images, tm
     code, output = run_cli("train", str(config), "--resume")
     assert code == 0, output
     assert "registered: models:/faults-once@champion (version 1)" in output
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
-    assert [v.version for v in client.search_model_versions("name = 'faults-once'")] == ["1"]
-    assert client.get_model_version_by_alias("faults-once", "champion").version == "1"
+    store = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+    assert [str(v.version) for v in client.search_model_versions("name = 'faults-once'")] == ["1"]
+    assert str(client.get_model_version_by_alias("faults-once", "champion").version) == "1"
 
 
 # --------------------------------------------------------------------------- predict (3, 4)
