@@ -42,6 +42,8 @@ class DataConfig(_Strict):
                                                        "and augment there (auto: on CUDA when it fits)")
     val_fold: int | None = Field(0, ge=0, description="Fold of the train split used for validation")
     dicom_multiframe: Literal["first", "middle", "error"] = "middle"  # also the page of a multi-page TIFF
+    allow_leakage: bool = Field(False, description="Train although splits share images/patients or an image has "
+                                                   "two labels (what `manifest validate` rejects); logged as a param")
 
     @field_validator("task")
     @classmethod

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from medgcsam.config import DataConfig
-from medgcsam.data.datasets import BatchInputs, build_datasets, build_loaders
-from medgcsam.data.io import ImageReadError, read_image
+from medgcsam.data.datasets import BatchInputs, UnreadableRowsError, build_datasets, build_loaders
+from medgcsam.data.io import read_image
 from medgcsam.data.transforms import (
     AugmentRecipe,
     BatchAugmentd,
@@ -210,8 +210,10 @@ def test_disk_cache_names_a_file_gone_since_the_manifest(tmp_path):
     df.to_csv(tmp_path / "m.csv", index=False)
     gone = df.loc[df["split"] == "train", "path"].iloc[0]
     (tmp_path / gone).unlink()
-    with pytest.raises(ImageReadError, match=f"{re.escape(gone)}: file does not exist.*exclude_reason"):
-        build_datasets(_cfg(tmp_path / "m.csv", task=None, cache="disk", cache_dir=tmp_path / "cache"), GREY)
+    bundle = build_datasets(_cfg(tmp_path / "m.csv", task=None, cache="disk", cache_dir=tmp_path / "cache"), GREY)
+    with pytest.raises(UnreadableRowsError, match=f"manifest line \\d+ \\({re.escape(gone)}\\): .*"
+                                                  f"{re.escape(gone)}: file does not exist.*exclude_reason"):
+        bundle.train.warm_cache()
 
 
 def test_disk_cache_is_keyed_by_transform_config(manifest, tmp_path):

@@ -8,6 +8,7 @@ to the source root. Structural problems (a missing label file, an unparseable ro
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from medgcsam.data.io import IMAGE_SUFFIXES, find_images
 from medgcsam.data.manifest import MANIFEST_COLUMNS, decode_utf8, file_sha256, normalize_manifest, read_csv_text
 
 MISSING_FILE = "file not found"
+NOT_UTF8 = "file name is not UTF-8"
 
 
 class BuildError(ValueError):
@@ -56,7 +58,13 @@ def build_manifest(fmt: str, root: str | Path, *, hash_files: bool = True, **opt
         raise BuildError(f"{root}: not a folder; pass the folder that holds the {fmt} data")
     result = _BUILDERS[fmt](root, **options)
     df = result.frame
-    missing = [not (root / p).is_file() for p in df["path"]]
+    foreign = df.loc[df["exclude_reason"] == NOT_UTF8, "path"].tolist()
+    if foreign:
+        result.notes.append(f"{len(foreign)} file(s) whose name is not valid UTF-8 kept with exclude_reason "
+                            f"'{NOT_UTF8}', the undecodable bytes shown as \\xNN (e.g. {', '.join(foreign[:3])}); "
+                            f"rename them (e.g. `convmv -f latin1 -t utf-8 -r --notest {root}`) and rebuild to train "
+                            f"on them")
+    missing = [not (root / p).is_file() and p not in foreign for p in df["path"]]
     df.loc[missing, "exclude_reason"] = df.loc[missing, "exclude_reason"].where(
         df.loc[missing, "exclude_reason"] != "", MISSING_FILE)
     if any(missing):
@@ -64,13 +72,33 @@ def build_manifest(fmt: str, root: str | Path, *, hash_files: bool = True, **opt
         result.notes.append(f"{sum(missing)} listed image(s) not found under {root} (e.g. {first}); "
                             f"kept with exclude_reason '{MISSING_FILE}'")
     if hash_files:
-        df["sha256"] = [file_sha256(root / p) if not m else "" for p, m in zip(df["path"], missing, strict=True)]
+        df["sha256"] = [file_sha256(root / p) if not (m or p in foreign) else ""
+                        for p, m in zip(df["path"], missing, strict=True)]
     result.frame = normalize_manifest(df, origin=f"{fmt} build of {root}")
     return result
 
 
+def _escape_undecodable(record: dict) -> dict:
+    """A row whose path (or class folder) holds bytes that are not UTF-8 (Python carries them as surrogates, which
+    neither pandas nor a CSV can hold) keeps those bytes as ``\\xNN`` and is excluded, so the manifest still says
+    the file is there and the rest builds. The escaped path names the file but does not open it."""
+    if all(_utf8(v) for v in record.values() if isinstance(v, str)):
+        return record
+    escaped = {k: os.fsencode(v).decode("utf-8", "backslashreplace") if isinstance(v, str) else v
+               for k, v in record.items()}
+    return {**escaped, "exclude_reason": NOT_UTF8}
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _rows(records: list[dict]) -> pd.DataFrame:
-    df = pd.DataFrame.from_records(records)
+    df = pd.DataFrame.from_records([_escape_undecodable(r) for r in records])
     for col in MANIFEST_COLUMNS:
         if col not in df.columns:
             df[col] = -1 if col == "fold" else ""

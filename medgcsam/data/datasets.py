@@ -19,11 +19,14 @@ cost more than everything else in a cached epoch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import random
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +45,7 @@ from torch.utils.data import (
 )
 
 from medgcsam.config import DataConfig
-from medgcsam.data.io import ImageReadError
+from medgcsam.data.io import ImageReadError, failure_reason
 from medgcsam.data.manifest import included, manifest_sha256, read_manifest, resolve_root
 from medgcsam.data.tasks import apply_task, case_variants, get_task
 from medgcsam.data.transforms import (
@@ -52,8 +55,19 @@ from medgcsam.data.transforms import (
     random_transforms,
     transform_config,
 )
+from medgcsam.data.validate import leakage_report
 
 CACHE_MODES = ("none", "memory", "disk")
+TEMP_SUFFIX = ".npy.tmp"  # a disk-cache entry being written
+log = logging.getLogger(__name__)
+
+
+class LeakageError(ValueError):
+    """Splits that share an image or a patient, or an image with two labels; the message lists each finding."""
+
+
+class UnreadableRowsError(ValueError):
+    """Manifest rows whose files cannot become model inputs, all of them, each by manifest line and file."""
 
 
 def to_uint8(img: torch.Tensor) -> torch.Tensor:
@@ -138,7 +152,7 @@ class ManifestDataset(Dataset):
         self.config_hash = hashlib.sha256(
             json.dumps(transform_config(spec, modality, multiframe), sort_keys=True).encode()).hexdigest()[:16]
         self.cache_dir: Path | None = None
-        self._disk_keys: list[str] = []
+        self._disk_keys: list[str | None] = []  # None: the file is gone (reported when it is read)
         if cache == "disk":
             base = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "medgcsam" / "images"
             self.cache_dir = base / self.config_hash
@@ -146,6 +160,7 @@ class ManifestDataset(Dataset):
             (self.cache_dir / "transform_config.json").write_text(
                 json.dumps(transform_config(spec, modality, multiframe), indent=1, sort_keys=True))
             self._disk_keys = [self._disk_key(i) for i in range(len(self.frame))]
+            _remove_abandoned_temps(self.cache_dir)
         self._memory: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -160,19 +175,21 @@ class ManifestDataset(Dataset):
             return self._from_disk(index)
         return to_uint8(self.deterministic({"image": self.paths[index]})["image"])
 
-    def _disk_key(self, index: int) -> str:
+    def _disk_key(self, index: int) -> str | None:
         sha = self.frame.at[index, "sha256"] if "sha256" in self.frame else ""
         if sha:
             return sha
         try:
             st = os.stat(self.paths[index])
-        except FileNotFoundError:  # gone since the manifest was written; say which row and what to do
-            raise ImageReadError(f"{self.paths[index]}: file does not exist; fix the path in the manifest or "
-                                 f"data.root, or set its exclude_reason") from None
+        except FileNotFoundError:  # gone since the manifest was written
+            return None
         key = f"{os.path.abspath(self.paths[index])}|{st.st_size}|{st.st_mtime_ns}"
         return hashlib.sha256(key.encode()).hexdigest()
 
     def _from_disk(self, index: int) -> torch.Tensor:
+        if self._disk_keys[index] is None:
+            raise ImageReadError(f"{self.paths[index]}: file does not exist; fix the path in the manifest or "
+                                 f"data.root, or set its exclude_reason")
         target = self.cache_dir / f"{self._disk_keys[index]}.npy"
         shape = (self.spec.channels, self.spec.image_size, self.spec.image_size)
         if target.is_file():
@@ -184,20 +201,41 @@ class ManifestDataset(Dataset):
                 pass
             target.unlink(missing_ok=True)  # torn or foreign file: rebuild it below
         img = to_uint8(self.deterministic({"image": self.paths[index]})["image"])
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".npy.tmp")
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, img.numpy(), allow_pickle=False)
-        os.replace(tmp, target)  # atomic: concurrent workers never read half a file
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=TEMP_SUFFIX)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.save(fh, img.numpy(), allow_pickle=False)
+            os.replace(tmp, target)  # atomic: concurrent workers never read half a file
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return img
 
     def warm_cache(self, num_workers: int = 0, batch_size: int = 32) -> None:
-        """Run the deterministic part over every row once (in parallel workers) and keep the result."""
-        if self.cache == "none" or self._memory is not None or len(self) == 0:
+        """Run the deterministic part over every row once (in parallel workers) and keep the result (memory
+        cache) or its files (disk cache). Without a cache the pass only reads, so that every unreadable row is
+        reported here, all together and by manifest line, instead of as a traceback in some epoch.
+        Raises ``UnreadableRowsError``."""
+        if self._memory is not None or len(self) == 0:
             return
-        loader = DataLoader(_Preprocessed(self), batch_size=batch_size, num_workers=num_workers, shuffle=False)
-        chunks = [batch for batch in loader]
-        if self.cache == "memory":
-            self._memory = torch.cat(chunks).contiguous()
+        loader = DataLoader(_Preprocessed(self), batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                            collate_fn=_collate_preprocessed)
+        shape = (len(self), self.spec.channels, self.spec.image_size, self.spec.image_size)
+        memory = torch.empty(shape, dtype=torch.uint8) if self.cache == "memory" else None
+        failures = []
+        for indices, images, batch_failures in loader:
+            failures += batch_failures
+            if memory is not None and indices:
+                memory[torch.as_tensor(indices)] = images
+        if failures:
+            raise UnreadableRowsError(self._unreadable_message(failures))
+        self._memory = memory
+
+    def _unreadable_message(self, failures: list[tuple[int, str]]) -> str:
+        lines = self.frame["manifest_line"] if "manifest_line" in self.frame else self.frame.index + 2
+        rows = [f"  manifest line {lines[i]} ({self.frame.at[i, 'path']}): {reason}" for i, reason in failures]
+        return (f"{len(failures)} of {len(self)} image(s) cannot be read; fix or replace each file, or set its "
+                f"exclude_reason in the manifest:\n" + "\n".join(rows))
 
     # -- items --------------------------------------------------------------------------------------
     def __getitem__(self, index: int) -> dict:
@@ -264,6 +302,24 @@ class ManifestDataset(Dataset):
         return clone
 
 
+def _collate_preprocessed(items: list[tuple[int, torch.Tensor | None, str | None]]
+                          ) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    """(indices, their images stacked, (index, reason) of the rows that failed) for one batch of the cache fill."""
+    good = [(i, x) for i, x, _ in items if x is not None]
+    images = default_collate([x for _, x in good]) if good else None
+    return [i for i, _ in good], images, [(i, reason) for i, x, reason in items if x is None]
+
+
+def _remove_abandoned_temps(folder: Path, age_s: float = 3600.0) -> None:
+    """Entries a killed job was writing: one takes milliseconds, so an hour-old one is abandoned, while another
+    job sharing the cache may be writing a fresh one right now."""
+    cutoff = time.time() - age_s
+    for tmp in folder.glob(f"*{TEMP_SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+
+
 class _Preprocessed(Dataset):
     """Deterministic-only view used to fill caches in parallel."""
 
@@ -273,8 +329,11 @@ class _Preprocessed(Dataset):
     def __len__(self) -> int:
         return len(self.parent)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.parent.preprocessed(index)
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return index, self.parent.preprocessed(index), None
+        except Exception as exc:  # noqa: BLE001 - every bad row is collected, and reported together
+            return index, None, failure_reason(exc)
 
 
 @dataclass
@@ -318,6 +377,7 @@ def select_splits(df: pd.DataFrame, val_fold: int | None, origin: str = "manifes
 def build_datasets(cfg: DataConfig, spec: InputSpecLike) -> DataBundle:
     """Read the manifest, apply the task map, drop excluded rows and build one dataset per split."""
     df = read_manifest(cfg.manifest)
+    df["manifest_line"] = df.index + 2  # kept through the split, so errors about a row name its line
     root = resolve_root(cfg.manifest, cfg.root)
     if cfg.task:
         df = apply_task(df, cfg.task)
@@ -334,6 +394,7 @@ def build_datasets(cfg: DataConfig, spec: InputSpecLike) -> DataBundle:
     frames = select_splits(df, cfg.val_fold, origin=str(cfg.manifest))
     if frames["train"].empty:
         raise ValueError(f"{cfg.manifest}: the train split is empty after exclusions; check split/exclude_reason")
+    _check_leakage(frames, cfg)
     common = {"root": root, "class_names": classes, "spec": spec, "modality": cfg.modality, "cache": cfg.cache,
               "cache_dir": cfg.cache_dir, "multiframe": cfg.dicom_multiframe}
     datasets = {name: ManifestDataset(frame, augment=(name == "train" and cfg.augment),
@@ -342,6 +403,20 @@ def build_datasets(cfg: DataConfig, spec: InputSpecLike) -> DataBundle:
     return DataBundle(train=datasets["train"], val=datasets["val"], test=datasets["test"], class_names=classes,
                       manifest_sha256=manifest_sha256(cfg.manifest),
                       frames={k: v for k, v in frames.items() if len(v)}, root=root)
+
+
+def _check_leakage(frames: dict[str, pd.DataFrame], cfg: DataConfig) -> None:
+    """Refuse what ``manifest validate`` rejects: an image (or a patient) in two splits, or one image with two
+    labels, unless ``data.allow_leakage`` says so, which the run's parameters then record."""
+    report = leakage_report({name: frame for name, frame in frames.items() if len(frame)}, cfg.manifest)
+    if report.ok:
+        return
+    found = report.render()
+    if not cfg.allow_leakage:
+        raise LeakageError(f"{found}\nfix the manifest (`medgcsam manifest validate` lists the same findings; "
+                           f"`manifest split` keeps duplicates and patients together), or set data.allow_leakage: "
+                           f"true to train anyway (recorded with the run)")
+    log.warning("data.allow_leakage is set, so training goes on despite:\n%s", found)
 
 
 def seed_worker(worker_id: int) -> None:
@@ -361,6 +436,14 @@ def build_loaders(bundle: DataBundle, cfg: DataConfig, *, distributed: bool = Fa
     augmentation of a batch is seeded from ``seed`` and the batch's own indices, not from worker state,
     so it is the same whichever worker draws it, and the engine's per-epoch reseed of the sampler (which
     fixes the shuffle) fixes the augmentation too, also across a mid-run resume."""
+    unreadable = []
+    for name, ds in bundle.splits().items():
+        try:
+            ds.warm_cache(cfg.num_workers)
+        except UnreadableRowsError as exc:  # every split is read before one error lists all of them
+            unreadable.append(f"{name} split: {exc}")
+    if unreadable:
+        raise UnreadableRowsError(f"{cfg.manifest}: " + "\n".join(unreadable))
     loaders: dict[str, DataLoader] = {}
     for name, ds in bundle.splits().items():
         train = name == "train"
@@ -368,7 +451,6 @@ def build_loaders(bundle: DataBundle, cfg: DataConfig, *, distributed: bool = Fa
         if train and len(ds) < batch:
             raise ValueError(f"train split has {len(ds)} images, fewer than data.batch_size={batch}; with "
                              f"drop_last there would be no step: lower data.batch_size")
-        ds.warm_cache(cfg.num_workers)
         ds = ds.with_transport("uint8")
         ds.aug_seed = seed
         # The shuffle has a generator of its own: the loader's generator also feeds worker seeds, drawn when a

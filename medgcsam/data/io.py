@@ -141,18 +141,34 @@ def _read_pillow(path: Path, multiframe: Multiframe = "middle") -> np.ndarray:
             if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # phones and some scanners save rotated
                 img = ImageOps.exif_transpose(img)  # pixels as displayed, as the annotator saw them
             return _pillow_to_chw(img)
+    except ImageReadError:
+        raise
     except UnidentifiedImageError:
-        pass  # perhaps a DICOM saved under an image suffix (.png): checked below, outside this handler
+        failed = None  # perhaps a DICOM saved under an image suffix (.png): checked below, outside this handler
     except Image.DecompressionBombError as exc:  # not an OSError: it escaped as a bare traceback
         raise ImageReadError(f"{path}: {exc} Pillow refuses an image this large: downscale it or set its "
                              f"exclude_reason in the manifest") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"{path}: image does not decode ({exc}); the file is probably truncated or corrupt: "
-                             f"re-export it or set its exclude_reason in the manifest") from None
-    if _dicom_magic(path):
+        failed = exc
+    if _dicom_magic(path):  # also a DICOM whose preamble Pillow took for a TIFF: its text stays out of messages
         return _read_dicom(path, multiframe)
+    if failed is not None:
+        raise ImageReadError(f"{path}: image does not decode ({failed}); the file is probably truncated or corrupt: "
+                             f"re-export it or set its exclude_reason in the manifest")
     raise ImageReadError(f"{path}: not a recognised image format; convert it to PNG/JPEG/DICOM or set its "
                          f"exclude_reason in the manifest")
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line on why a file could not become a model input: the :class:`ImageReadError` however deeply a
+    transform pipeline wrapped it (MONAI's "applying transform ..."), else the innermost error by type and text."""
+    inner = exc
+    while True:
+        if isinstance(inner, ImageReadError):
+            return str(inner)
+        if inner.__cause__ is None:
+            return f"preprocessing failed ({type(inner).__name__}: {inner})"
+        inner = inner.__cause__
 
 
 def _pillow_to_chw(img: Image.Image) -> np.ndarray:
@@ -241,10 +257,37 @@ def _decode_dicom(path: Path, multiframe: Multiframe) -> np.ndarray:
         arr = ds.pixel_array
     except (RuntimeError, NotImplementedError) as exc:
         raise ImageReadError(_codec_message(path, ds, exc)) from None
-    except Exception as exc:
-        raise ImageReadError(f"{path}: DICOM pixel data does not decode ({exc}); the file is truncated or its "
-                             f"image attributes are wrong: re-export it or set its exclude_reason") from None
+    except Exception as exc:  # pydicom's text quotes the values it rejects: only our own words go out
+        cause = _attribute_problem(ds) or "the file is truncated or its image attributes are wrong"
+        raise ImageReadError(f"{path}: DICOM pixel data does not decode ({type(exc).__name__}): {cause}; "
+                             f"re-export it or set its exclude_reason") from None
     return _dicom_display(arr, ds)
+
+
+def _attribute_problem(ds) -> str | None:
+    """Which pixel-module attribute is out of its registered range, named by keyword with the values it may take;
+    never the value found, which a damaged or hand-made header can fill with any text (a patient's name)."""
+    from pydicom.pixels.common import PhotometricInterpretation
+
+    allowed = {
+        "PhotometricInterpretation": [p.value for p in PhotometricInterpretation],
+        "SamplesPerPixel": [1, 3], "BitsAllocated": [1, 8, 16, 32, 64], "PixelRepresentation": [0, 1],
+        "PlanarConfiguration": [0, 1],
+    }
+    for keyword, values in allowed.items():
+        if keyword not in ds:
+            continue
+        value = ds.get(keyword)
+        with contextlib.suppress(TypeError, ValueError):
+            value = value.strip() if isinstance(value, str) else int(value)
+        if value not in values:
+            return f"its {keyword} is not one of the values the standard registers ({', '.join(map(str, values))})"
+    with contextlib.suppress(TypeError, ValueError, AttributeError):
+        if int(ds.Rows) <= 0 or int(ds.Columns) <= 0:
+            return "its Rows or Columns is zero"
+        if not 0 < int(ds.BitsStored) <= int(ds.BitsAllocated) or int(ds.HighBit) != int(ds.BitsStored) - 1:
+            return "its BitsStored/HighBit do not fit BitsAllocated (HighBit must be BitsStored - 1)"
+    return None
 
 
 def _codec_message(path: Path, ds, exc: Exception) -> str:
@@ -255,13 +298,13 @@ def _codec_message(path: Path, ds, exc: Exception) -> str:
     ts, name = (ts, UID_dictionary[ts][0]) if ts in UID_dictionary else ("unrecognised", "unknown")
     package = _DECODER_PACKAGE.get(ts, "python-gdcm")
     install = f"`pip install \"medgcsam[dicom]\"` ({package}); do not use the GPL pylibjpeg-libjpeg plugin"
+    said = f"pydicom raised {type(exc).__name__}"  # not its text: decoders quote header values in it
     if _decoder_installed(ts):  # then a damaged codestream, not a missing package, is the likely cause
-        reasons = " ".join(line.strip() for line in str(exc).splitlines())  # one line per decoder that failed
         return (f"{path}: DICOM pixel data ('{name}', {ts}) does not decode with the installed decoders: the "
                 f"compressed data is damaged or truncated (re-export it or set its exclude_reason), or it needs "
-                f"a decoder with more features: {install}. pydicom said: {reasons}")
+                f"a decoder with more features: {install}. {said}")
     return (f"{path}: cannot decode DICOM transfer syntax '{name}' ({ts}): no installed decoder handles it. "
-            f"Install the permissively licensed decoders with {install}. pydicom said: {str(exc).splitlines()[0]}")
+            f"Install the permissively licensed decoders with {install}. {said}")
 
 
 def _decoder_installed(ts: str) -> bool:

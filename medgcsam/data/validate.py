@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from medgcsam.data.duplicates import DEFAULT_PHASH_DISTANCE, compute_phashes, near_duplicate_pairs
@@ -57,8 +58,30 @@ class ValidationReport:
         return "\n".join(lines)
 
 
+def _line(df: pd.DataFrame, i: int) -> int:
+    """CSV line of row position ``i``: the header is line 1; frames cut from a manifest carry ``manifest_line``."""
+    return int(df["manifest_line"].iloc[i]) if "manifest_line" in df.columns else i + 2
+
+
 def _row(df: pd.DataFrame, i: int) -> str:
-    return f"line {i + 2} ({df['path'].iloc[i]!r}, label={df['label'].iloc[i]}, split={df['split'].iloc[i] or '-'})"
+    return (f"line {_line(df, i)} ({df['path'].iloc[i]!r}, label={df['label'].iloc[i]}, "
+            f"split={df['split'].iloc[i] or '-'})")
+
+
+def leakage_report(frames: dict[str, pd.DataFrame], origin: str | Path) -> ValidationReport:
+    """The validator's leakage and conflicting-label errors, on the splits a training will use (``val`` may be a
+    fold of the train split), from what the manifest already holds: its sha256 and phash columns, no file reads.
+    ``train`` runs it before any work, so it never trains on a manifest ``manifest validate`` rejects."""
+    df = pd.concat([frame.assign(split=name) for name, frame in frames.items()], ignore_index=True)
+    report = ValidationReport(Path(origin), len(df))
+    active = np.ones(len(df), dtype=bool)
+    _check_duplicate_paths(df, report)
+    _check_exact_duplicates(df, active, report)
+    if "phash" in df.columns and (df["phash"] != "").any():
+        _check_near_duplicates(df, df["phash"].tolist(), DEFAULT_PHASH_DISTANCE, report)
+    _check_patients(df, active, report)
+    report.issues = report.errors
+    return report
 
 
 def validate_manifest(path: str | Path, *, root: str | Path | None = None, task: str | None = None,
@@ -92,11 +115,15 @@ def validate_manifest(path: str | Path, *, root: str | Path | None = None, task:
     return report
 
 
-def _check_rows(df: pd.DataFrame, report: ValidationReport) -> None:
+def _check_duplicate_paths(df: pd.DataFrame, report: ValidationReport) -> None:
     dup = df["path"].duplicated(keep=False)
     for p, rows in df[dup].groupby("path").groups.items():
-        report.add("error", "duplicate-row", f"{p!r} is listed on lines {[r + 2 for r in rows]}; keep one row",
-                   list(rows))
+        report.add("error", "duplicate-row", f"{p!r} is listed on lines {[_line(df, r) for r in rows]}; keep one "
+                   f"row", list(rows))
+
+
+def _check_rows(df: pd.DataFrame, report: ValidationReport) -> None:
+    _check_duplicate_paths(df, report)
     bad_fold = df.index[(df["split"] == "test") & (df["fold"] >= 0)]
     if len(bad_fold):
         report.add("warning", "test-fold", f"{len(bad_fold)} test row(s) carry a fold (e.g. {_row(df, bad_fold[0])}); "
@@ -199,4 +226,4 @@ def _check_patients(df: pd.DataFrame, active, report: ValidationReport) -> None:
         splits = sorted(set(df.loc[rows, "split"]))
         if len(splits) > 1:
             report.add("error", "patient-across-splits", f"patient {pid!r} has images in splits {splits} "
-                       f"(lines {[r + 2 for r in list(rows)[:10]]}); re-run `manifest split`", list(rows))
+                       f"(lines {[_line(df, r) for r in list(rows)[:10]]}); re-run `manifest split`", list(rows))

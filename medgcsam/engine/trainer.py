@@ -64,6 +64,7 @@ _METRIC_KEY = re.compile(r"[^\w\-. /]")  # characters MLflow refuses in metric k
 
 
 STAGES_FILE = "finished_stages.json"  # which end-of-training stages this run has done
+UNSENT, TRACE = "unsent_metrics.json", "grad_norm_trace.csv"
 
 
 class FinishError(RuntimeError):
@@ -100,7 +101,9 @@ def train(cfg: PipelineConfig, *, resume: bool = False, tracking_uri: str | None
     check_hyperparameters(cfg.optimizer.name, cfg.optimizer.base, cfg.optimizer.hyperparameters)
     ctx = init_distributed(cfg.train.device)
     try:
-        return _Training(cfg, ctx, tracking_uri=tracking_uri, started=started).run(resume, parent_run_id)
+        training = _Training(cfg, ctx, tracking_uri=tracking_uri, started=started)
+        with training.lock:
+            return training.run(resume, parent_run_id)
     finally:
         shutdown(ctx)
 
@@ -142,6 +145,8 @@ class _Training:
         self.epoch_times: list[float] = []
         self.grad_trace: list[list[float]] = []
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_sha256: str | None = None  # of best_state, as last.pt records it
+        self.lock = contextlib.ExitStack()  # rank 0 holds the run folder's lock in it until train() returns
         self.stopped = False
 
     # ------------------------------------------------------------------ setup
@@ -303,10 +308,8 @@ class _Training:
     def _save(self, meter: TrainMeter | None, *, best: bool = False) -> None:
         if not self.ctx.is_main:
             return
-        payload = self._payload(meter)
-        ckpt_io.save_checkpoint(self.ckpt_dir / ckpt_io.LAST, payload)
-        if best:
-            ckpt_io.save_checkpoint(self.ckpt_dir / ckpt_io.BEST, payload)
+        self.best_sha256 = ckpt_io.save_pair(self.ckpt_dir, self._payload(meter), best=best,
+                                             best_sha256=self.best_sha256)
 
     def _resume(self) -> dict[str, Any]:
         state = ckpt_io.load_checkpoint(self.ckpt_dir / ckpt_io.LAST)
@@ -329,9 +332,7 @@ class _Training:
             setattr(self, name, state[name])
         self.step_in_epoch = state["step"]
         self.run_id = state["mlflow_run_id"]
-        best_path = self.ckpt_dir / ckpt_io.BEST
-        if best_path.is_file():
-            self.best_state = ckpt_io.load_checkpoint(best_path)["model"]
+        self.best_state, self.best_sha256 = ckpt_io.load_best(self.ckpt_dir, state)
         return state
 
     # ------------------------------------------------------------------ tracking
@@ -361,7 +362,7 @@ class _Training:
             mlflow.log_dict({"manifest": str(cfg.data.manifest), "manifest_sha256": self.bundle.manifest_sha256,
                              "classes": self.class_names, "counts": counts}, "config/split_summary.json")
         self.metrics_log = ResilientMetricLogger(mlflow.MlflowClient(), self.run_id,
-                                                 spill_path=self.dir / "unsent_metrics.json",
+                                                 spill_path=self.dir / UNSENT,
                                                  timeout_s=cfg.tracking.connect_timeout_s)
         if resumed:
             self._backfill()
@@ -549,9 +550,9 @@ class _Training:
         if not self.ctx.is_main:
             return None, None
         cfg = self.cfg
-        trace_csv = self.dir / "grad_norm_trace.csv"
-        trace_csv.write_text("step,grad_norm,grad_norm_gc\n" + "".join(
-            f"{int(s)},{a:.8g},{b:.8g}\n" for s, a, b in self.grad_trace), encoding="utf-8")
+        trace_csv = self.dir / TRACE
+        replace_atomically(trace_csv, lambda fh: fh.write("step,grad_norm,grad_norm_gc\n" + "".join(
+            f"{int(s)},{a:.8g},{b:.8g}\n" for s, a, b in self.grad_trace)))
         self.metrics_log.close()
         self._stage("curves", f"logging the training curves to {self.uri}", lambda: self._log_training(trace_csv))
         if cfg.evaluation.enabled:
@@ -593,10 +594,12 @@ class _Training:
                 figs.close(fig)
 
     def _log_model(self) -> dict[str, str | None]:
-        from medgcsam.inference.package import log_classifier
+        from medgcsam.inference.package import log_classifier, registered_by_run
 
         cfg = self.cfg
         alias = cfg.tracking.alias if cfg.tracking.register_as else None
+        if cfg.tracking.register_as and (done := registered_by_run(cfg.tracking.register_as, self.run_id, alias)):
+            return done  # registered before a kill stopped this stage being recorded: no second version
         info = log_classifier(self.raw, self.spec, name="model", registered_model_name=cfg.tracking.register_as,
                               alias=alias)
         version = info.registered_model_version
@@ -642,6 +645,9 @@ class _Training:
             torch.backends.cudnn.benchmark = False
         self._build()
         self._check_registry()
+        if self.ctx.is_main:  # before anything is written: one process per run folder; its killed writes' temps
+            self.lock.enter_context(ckpt_io.lock_run(self.dir))
+            ckpt_io.remove_stale_files(self.ckpt_dir, *(self.dir / n for n in (STAGES_FILE, UNSENT, TRACE)))
         state = self._resume() if resume else None
         if state is None and (self.ckpt_dir / ckpt_io.LAST).is_file() and self.ctx.is_main:
             log.warning("starting a new run over the checkpoints in %s (pass --resume to continue them)",

@@ -59,6 +59,9 @@ def predict_command(
         raise typer.Exit(EXIT_CRASHED) from None
     typer.echo(f"{summary.predicted} predicted, {summary.skipped} already done, {summary.failed} failed "
                f"of {summary.found} files in {summary.seconds:.1f}s -> {summary.output}")
+    if summary.damaged:
+        typer.echo(f"{summary.damaged} row(s) of the earlier run were cut short or damaged and were predicted again",
+                   err=True)
     if summary.ignored:
         shown = ", ".join(summary.ignored[:10]) + (", ..." if len(summary.ignored) > 10 else "")
         typer.echo(f"{len(summary.ignored)} other files were not looked at (not PNG/JPEG/BMP/TIFF or DICOM, or "

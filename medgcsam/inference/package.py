@@ -22,6 +22,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from pydantic import ValidationError
 from torch import nn
 
+from medgcsam.files import pause_point
 from medgcsam.models.factory import create_model, load_state_dict_file
 from medgcsam.models.spec import ModelSpec
 from medgcsam.tracking.uri import http_unreachable
@@ -85,7 +86,23 @@ def log_classifier(
         model.to(device).train(was_training)
     if alias is not None:
         mlflow.MlflowClient().set_registered_model_alias(registered_model_name, alias, info.registered_model_version)
+    pause_point("model registered")
     return info
+
+
+def registered_by_run(name: str, run_id: str, alias: str | None = None) -> dict[str, str] | None:
+    """The version of ``name`` that run ``run_id`` already registered, with ``alias`` (re)set on it: a run resumed
+    after a kill between MLflow's registration and the run's record of it reuses that version instead of
+    registering a second. MLflow registers a version only once its artifacts are uploaded, so it is complete."""
+    client = mlflow.MlflowClient()
+    quote = '"' if "'" in name else "'"  # the filter grammar has no escapes
+    versions = [v for v in client.search_model_versions(f"name = {quote}{name}{quote}") if v.run_id == run_id]
+    if not versions:
+        return None
+    version = max(versions, key=lambda v: int(v.version))
+    if alias is not None:
+        client.set_registered_model_alias(name, alias, version.version)
+    return {"model_uri": version.source, "version": str(version.version)}
 
 
 def load_classifier(uri_or_path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec]:

@@ -5,14 +5,20 @@ read becomes a row in ``<output stem>.errors.csv`` instead of an exception, so o
 never stops a job of thousands. Rows are streamed to ``<output>.partial`` after every batch, which
 is what ``resume`` picks up after a crash; the final CSV is written once, atomically, sorted by path.
 Only relative paths, labels and probabilities are written: no DICOM header field reaches an output.
+One job at a time writes an output (``<output>.lock``); ``resume`` keeps only rows exactly as this model
+writes them, so a row cut short by a kill is predicted again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import io
 import json
+import logging
 import os
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,13 +31,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from medgcsam.data.datasets import BatchInputs, to_uint8
-from medgcsam.data.io import IMAGE_SUFFIXES, ImageReadError, find_images, read_image
+from medgcsam.data.io import IMAGE_SUFFIXES, failure_reason, find_images, read_image
 from medgcsam.data.transforms import deterministic_transforms
-from medgcsam.files import replace_atomically
+from medgcsam.files import exclusive_lock, pause_point, remove_stale_temps, replace_atomically
 from medgcsam.models.spec import ModelSpec
 
 EXIT_OK, EXIT_FILES_FAILED, EXIT_USAGE, EXIT_CRASHED = 0, 1, 2, 3
 ERROR_COLUMNS = ["path", "reason"]
+_PROBABILITY = re.compile(r"[01]\.\d{6}")  # exactly as written below: a value cut short does not match
+
+log = logging.getLogger(__name__)
 
 
 class PredictionError(ValueError):
@@ -50,6 +59,7 @@ class PredictionSummary:
     failed: int
     seconds: float
     ignored: tuple[str, ...] = ()  # files under the input that are not PNG/JPEG/BMP/TIFF/DICOM
+    damaged: int = 0  # rows of an earlier run that were cut short or unreadable, so predicted again
 
     @property
     def exit_code(self) -> int:
@@ -65,6 +75,12 @@ def errors_path(output: str | Path) -> Path:
 def partial_path(output: str | Path) -> Path:
     output = Path(output)
     return output.with_name(f"{output.name}.partial")
+
+
+def lock_path(output: str | Path) -> Path:
+    """``predictions.csv`` -> ``predictions.csv.lock``: held by the one job writing that output."""
+    output = Path(output)
+    return output.with_name(f"{output.name}.lock")
 
 
 def model_path(output: str | Path) -> Path:
@@ -120,12 +136,8 @@ class ImageFolder(Dataset):
         try:
             image = read_image(self.root / rel, multiframe=self.multiframe)
             tensor = to_uint8(self.transform({"image": image})["image"])
-        except ImageReadError as exc:
-            return rel, None, self._relative(str(exc), rel)
         except Exception as exc:  # noqa: BLE001 - any per-file failure must become an error row, not stop the job
-            while exc.__cause__ is not None:  # MONAI wraps the real error in "applying transform ..."
-                exc = exc.__cause__
-            return rel, None, self._relative(f"preprocessing failed ({type(exc).__name__}: {exc})", rel)
+            return rel, None, self._relative(failure_reason(exc), rel)
         return rel, tensor, None
 
     def _relative(self, reason: str, rel: str) -> str:
@@ -168,25 +180,47 @@ def predict(
         raise PredictionError(f"--output {output} is a folder; give a CSV file name such as {output}/predictions.csv")
     if amp not in ("none", "bf16"):
         raise PredictionError(f"amp {amp!r} not supported for prediction; use 'none' or 'bf16'")
+    _positive_index(spec)  # a model with a broken threshold is refused before any file is touched
     columns = output_columns(spec)
-    pos_index = _positive_index(spec)
     paths, ignored = find_images(input_dir)
     if not paths:
         raise PredictionError(f"no PNG, JPEG or DICOM files under {input_dir}; "
                               f"suffixes searched: {', '.join(sorted(IMAGE_SUFFIXES))}")
     card = model_card(model, spec)
-    # rows of files that are gone since the earlier run are dropped with them
-    done = _previous_rows(output, columns, card, {display_path(p) for p in paths}) if resume else {}
-    todo = [p for p in paths if display_path(p) not in done]
     partial = partial_path(output)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            # a second job on this output would truncate the first one's .partial under it
+            held.enter_context(exclusive_lock(lock_path(output), f"--output {output}",
+                                            "wait for it to finish, or write to another --output",
+                                            error=PredictionError))
+        except OSError as exc:
+            raise PredictionError(f"cannot write beside --output {output} ({exc.strerror or exc}); give a path in a "
+                                  f"folder this user can write to") from None
+        remove_stale_temps(output, partial, errors_path(output), model_path(output))  # ours: we hold the lock
+        # rows of files that are gone since the earlier run are dropped with them
+        done, damaged = (_previous_rows(output, spec, card, {display_path(p) for p in paths}) if resume
+                         else ({}, 0))
+        todo = [p for p in paths if display_path(p) not in done]
         _write_text(model_path(output), json.dumps(card, indent=2))
         _write_csv(partial, columns, done.values())  # a crash from here on still keeps every earlier row
-    except OSError as exc:
-        raise PredictionError(f"cannot write beside --output {output} ({exc.strerror or exc}); give a path in a "
-                              f"folder this user can write to") from None
+        predicted, failures = _predict_files(model, spec, input_dir, todo, partial, done, batch_size=batch_size,
+                                 num_workers=num_workers, device=device, amp=amp, progress=progress)
+        _write_csv(output, columns, (done[p] for p in sorted(done)))
+        _write_csv(errors_path(output), ERROR_COLUMNS, sorted(failures))
+        partial.unlink()
+    return PredictionSummary(output=output, errors=errors_path(output), found=len(paths),
+                             skipped=len(paths) - len(todo), predicted=predicted, failed=len(failures),
+                             seconds=time.perf_counter() - start, ignored=tuple(map(display_path, ignored)),
+                             damaged=damaged)
 
+
+def _predict_files(model: nn.Module, spec: ModelSpec, input_dir: Path, todo: list[str], partial: Path,
+                   done: dict[str, list[str]], *, batch_size: int, num_workers: int, device: str | torch.device,
+                   amp: str, progress: bool) -> tuple[int, list[tuple[str, str]]]:
+    """Predict ``todo``, appending each batch's rows to ``partial`` (and to ``done``); (predicted, failures)."""
+    pos_index = _positive_index(spec)
     device = torch.device(device)
     model = model.to(device).eval()
     if device.type == "cuda":
@@ -213,15 +247,10 @@ def predict(
                     done[rel] = row
                 fh.flush()
                 predicted += len(batch_paths)
+                pause_point("predict batch written")
             bar.update(len(batch_paths) + len(batch_failures))
     bar.close()
-
-    _write_csv(output, columns, (done[p] for p in sorted(done)))
-    _write_csv(errors_path(output), ERROR_COLUMNS, sorted(failures))
-    partial.unlink()
-    return PredictionSummary(output=output, errors=errors_path(output), found=len(paths),
-                             skipped=len(paths) - len(todo), predicted=predicted, failed=len(failures),
-                             seconds=time.perf_counter() - start, ignored=tuple(map(display_path, ignored)))
+    return predicted, failures
 
 
 def forward_probabilities(model: nn.Module, images: torch.Tensor, device: torch.device, amp: str) -> torch.Tensor:
@@ -242,12 +271,15 @@ def _positive_index(spec: ModelSpec) -> int:
     return spec.class_names.index(spec.threshold.positive_class)
 
 
-def _previous_rows(output: Path, columns: list[str], card: dict[str, object],
-                   present: set[str]) -> dict[str, list[str]]:
-    """Rows of an earlier (complete or interrupted) run of the same model, keyed by path."""
+def _previous_rows(output: Path, spec: ModelSpec, card: dict[str, object],
+                   present: set[str]) -> tuple[dict[str, list[str]], int]:
+    """Rows of an earlier (complete or interrupted) run of the same model, keyed by path, and how many rows were
+    dropped as damaged (cut short by a kill, or not what this model writes), so that those files are predicted
+    again instead of carrying a cut value into the final CSV."""
+    columns = output_columns(spec)
     sources = [source for source in (output, partial_path(output)) if source.is_file()]
     if not sources:
-        return {}
+        return {}, 0
     try:
         earlier = json.loads(model_path(output).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -257,19 +289,50 @@ def _previous_rows(output: Path, columns: list[str], card: dict[str, object],
         raise PredictionError(f"{sources[0]} was written by {what}; --resume only continues the same model's run, "
                               f"so write to a new --output")
     rows: dict[str, list[str]] = {}
+    damaged = 0
     for source in sources:
-        with source.open(newline="", encoding="utf-8") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, None)
-            if header is None:
-                continue
-            if header != columns:
-                raise PredictionError(f"{source}: columns {header} do not match this model's {columns}; "
-                                      f"it was written by another model, so write to a new --output instead of "
-                                      f"--resume")
-            # A row cut short by a crash mid-write is dropped, so that image is predicted again.
-            rows.update((row[0], row) for row in reader if len(row) == len(columns) and row[0] in present)
-    return rows
+        text = source.read_bytes().decode("utf-8", "replace")
+        if not text.endswith("\n"):  # the last row was being written when the job was killed
+            text, damaged = text[: text.rfind("\n") + 1], damaged + 1
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, None)
+        if header is None:
+            continue
+        if header != columns:
+            raise PredictionError(f"{source}: columns {header} do not match this model's {columns}; "
+                                  f"it was written by another model, so write to a new --output instead of "
+                                  f"--resume")
+        try:
+            for row in reader:
+                if _valid_row(row, spec, present):
+                    rows[row[0]] = row
+                elif not row or row[0] in present or len(row) != len(columns):  # else: the file is gone since
+                    damaged += 1
+        except csv.Error:  # an unterminated quoted path: the rest of this file is damaged
+            damaged += 1
+    if damaged:
+        log.warning("%d damaged row(s) in %s or its .partial (cut short by an interrupted run) are predicted again",
+                    damaged, output)
+    return rows, damaged
+
+
+def _valid_row(row: list[str], spec: ModelSpec, present: set[str]) -> bool:
+    """A row exactly as :func:`predict` writes it for this model, for a file that is still there."""
+    classes, thr = spec.class_names, spec.threshold
+    if len(row) != len(classes) + 2 + (2 if thr is not None else 0) or row[0] not in present or row[1] not in classes:
+        return False
+    texts = row[2:2 + len(classes)]
+    if not all(_PROBABILITY.fullmatch(t) for t in texts):
+        return False
+    probs = [float(t) for t in texts]
+    if abs(sum(probs) - 1.0) > 1e-6 * (len(probs) + 1) or probs[classes.index(row[1])] < max(probs):
+        return False
+    if thr is None:
+        return True
+    p = probs[_positive_index(spec)]
+    decision = "positive" if p >= thr.value else "negative"
+    return row[-2] == f"{thr.value:.6f}" and (row[-1] == decision or
+                                              (row[-1] in ("positive", "negative") and abs(p - thr.value) <= 1e-6))
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -65,10 +65,48 @@ def create_model(
         path = Path(pretrained_path)
         if not path.is_file():
             raise FileNotFoundError(f"pretrained weights file {path} does not exist (model.pretrained_path)")
+        check_weights_file(path)
         # timm adapts the first conv to in_chans and drops a mismatched classifier for us.
         kwargs["pretrained_cfg_overlay"] = {"file": str(path.resolve()), "num_classes": 0}
-        return timm.create_model(resolved, pretrained=True, **kwargs)
+        try:
+            return timm.create_model(resolved, pretrained=True, **kwargs)
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PretrainedWeightsError(f"{path} (model.pretrained_path): its weights do not fit backbone "
+                                         f"{resolved} ({first[:300]}); give weights of that architecture") from None
     return timm.create_model(resolved, pretrained=False, **kwargs)
+
+
+class PretrainedWeightsError(ValueError):
+    """A ``model.pretrained_path`` that is not a tensor file of weights for the backbone; names the file and why."""
+
+
+def check_weights_file(path: Path) -> None:
+    """Refuse, before timm reads it, a file that is not a plain tensor file: a pickle that would run code (refused
+    by ``weights_only``), a damaged safetensors file, or a file holding no state dict."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = load_state_dict_file(path)
+    except Exception as exc:  # unpickling and safetensors raise many types; all mean "not a tensor file"
+        raise PretrainedWeightsError(
+            f"{path} (model.pretrained_path): not a weights-only tensor file ({type(exc).__name__} when read with "
+            f"torch.load(weights_only=True) or safetensors): it may hold pickled code, which is never run here, or "
+            f"be damaged. Give a .safetensors file or a state dict saved with torch.save(model.state_dict())"
+        ) from None
+    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in _tensors(state)):
+        raise PretrainedWeightsError(f"{path} (model.pretrained_path): holds no state dict of tensors; give a "
+                                     f".safetensors file or a state dict saved with torch.save(model.state_dict())")
+
+
+def _tensors(state: dict) -> list:
+    """Values of a state dict, or of the one it wraps (timm reads ``state_dict``/``model`` keys too)."""
+    inner = next((state[k] for k in ("state_dict", "model", "state_dict_ema", "model_ema")
+                  if isinstance(state.get(k), dict)), state)
+    return list(inner.values())
 
 
 def _takes_img_size(name: str) -> bool:
