@@ -39,7 +39,7 @@ def predictions(method: str, seed: int) -> pd.DataFrame:
     correct = rng.random(LABELS.size) < ACC[method][seed]
     pred = np.where(correct, LABELS, np.where(LABELS == "benign", "malignant", "benign"))
     return pd.DataFrame({"row": range(LABELS.size), "path": [f"img{i:02d}.png" for i in range(LABELS.size)],
-                         "label": LABELS, "predicted": pred})
+                         "label": LABELS, "argmax_label": pred})
 
 
 @pytest.fixture(scope="module")

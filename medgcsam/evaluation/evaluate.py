@@ -36,7 +36,7 @@ from medgcsam.evaluation.metrics import (
 from medgcsam.evaluation.operating_point import choose_threshold
 from medgcsam.evaluation.predict import predict_split
 from medgcsam.evaluation.report import write_report
-from medgcsam.models.spec import ModelSpec, Threshold
+from medgcsam.models.spec import ModelSpec, Threshold, decide
 
 _METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. /]")  # characters MLflow accepts in metric keys
 
@@ -119,7 +119,8 @@ def _score_split(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.DataFra
         "headline": point,
         "ci95": {k: {"low": v.low, "high": v.high, "n_valid": v.n_valid} for k, v in ci.items()},
         "per_class": per_class(cm, classes),
-        "confusion": {"counts": cm.tolist(), "row_normalised": row_normalise(cm).tolist()},
+        "confusion": _confusion_entry(cm),
+        "confusion_decision": _confusion_entry(confusion(y, decide(probs, op), len(classes))) if op else None,
         "calibration": {"temperature": temperature, "ece": point["ece"], "ece_calibrated": after["ece"],
                         "brier_calibrated": after["brier"], "nll_calibrated": after["nll"]},
     }
@@ -138,6 +139,10 @@ def _score_split(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.DataFra
     return out
 
 
+def _confusion_entry(cm: np.ndarray) -> dict[str, list]:
+    return {"counts": cm.tolist(), "row_normalised": row_normalise(cm).tolist()}
+
+
 def _write_split_files(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.DataFrame | None,
                        spec: ModelSpec, temperature: float, op: tuple[int, float] | None, fig: dict[str, Any],
                        out_dir: Path, n_bins: int) -> list[Path]:
@@ -149,11 +154,11 @@ def _write_split_files(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.D
             if col in frame.columns:
                 table[col] = frame[col].to_numpy()
     table["label"] = [classes[i] for i in y]
-    table["predicted"] = [classes[i] for i in probs.argmax(axis=1)]
+    # one answer per image: `decision` follows the operating point (the argmax without one); argmax is auxiliary
+    table["decision"] = [classes[i] for i in decide(probs, op)]
+    table["argmax_label"] = [classes[i] for i in probs.argmax(axis=1)]
     for k, c in enumerate(classes):
         table[f"p_{c}"] = probs[:, k]
-    if op is not None:
-        table[f"positive_at_threshold_{classes[op[0]]}"] = probs[:, op[0]] >= op[1]
     files = [out_dir / f"predictions_{name}.csv"]
     table.to_csv(files[0], index=False)
     op_mark = None
@@ -161,13 +166,16 @@ def _write_split_files(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.D
         o = fig["operating_point"]
         op_mark = (op[0], o["sensitivity"], o["specificity"])
     figures = {
-        "confusion": plots.confusion_figure(np.asarray(fig["confusion"]["counts"]), classes, name),
+        "confusion": plots.confusion_figure(np.asarray(fig["confusion"]["counts"]), classes, f"{name}, argmax"),
         "roc": plots.roc_figure(probs, y, classes, f"ROC ({name})", op_mark),
         "pr": plots.pr_figure(probs, y, classes, f"Precision-recall ({name})"),
         "reliability": plots.reliability_figure(
             {"raw": (probs, y), f"T={temperature:.2f}": (softmax(logits, temperature), y)}, n_bins,
             f"Reliability ({name})"),
     }
+    if fig.get("confusion_decision"):
+        figures["confusion_decision"] = plots.confusion_figure(np.asarray(fig["confusion_decision"]["counts"]),
+                                                               classes, f"{name}, operating point")
     for kind, figure in figures.items():
         files.append(out_dir / f"{kind}_{name}.png")
         figure.savefig(files[-1], dpi=110)
@@ -223,7 +231,7 @@ def evaluate(model: nn.Module, bundle: Any, spec: ModelSpec, cfg: EvaluationConf
         fig = _score_split(name, logits, y, frame, spec, cfg, temperature, op, seed)
         figures["splits"][name] = fig
         files += _write_split_files(name, logits, y, frame, spec, temperature, op, fig, out_dir, cfg.ece_bins)
-    new_spec = spec.model_copy(update={"threshold": threshold}) if threshold is not None else spec
+    new_spec = spec.model_copy(update={"threshold": threshold or spec.threshold, "temperature": temperature})
     json_path = out_dir / "evaluation.json"
     json_path.write_text(json.dumps(figures, indent=2, default=_jsonable, allow_nan=True), encoding="utf-8")
     (out_dir / "spec.json").write_text(new_spec.model_dump_json(indent=2), encoding="utf-8")

@@ -31,6 +31,14 @@ def _macro_note(fig: dict[str, Any], classes: list[str]) -> list[str]:
             "those are skipped for them (their n_valid)."]
 
 
+def _confusion_table(what: str, entry: dict[str, Any], classes: list[str]) -> list[str]:
+    lines = ["", f"### Confusion matrix, {what} (rows = truth)", "", "| | " + " | ".join(classes) + " |",
+             "|---" * (len(classes) + 1) + "|"]
+    for c, counts, norm in zip(classes, entry["counts"], entry["row_normalised"], strict=True):
+        lines.append(f"| {c} | " + " | ".join(f"{n} ({_num(r, 2)})" for n, r in zip(counts, norm, strict=True)) + " |")
+    return lines
+
+
 def _split_section(name: str, fig: dict[str, Any], classes: list[str], threshold: dict[str, Any] | None) -> list[str]:
     boot = fig["bootstrap"]
     lines = [f"## Split `{name}`", "",
@@ -59,10 +67,10 @@ def _split_section(name: str, fig: dict[str, Any], classes: list[str], threshold
                   f"| {op['tp']} | {op['fn']} | {op['fp']} | {op['tn']} | "
                   + " | ".join(_with_ci(fig, f"op/{k}") for k in ("sensitivity", "specificity", "ppv", "npv", "f1"))
                   + " |"]
-    lines += ["", "### Confusion matrix (rows = truth)", "", "| | " + " | ".join(classes) + " |",
-              "|---" * (len(classes) + 1) + "|"]
-    for c, counts, norm in zip(classes, fig["confusion"]["counts"], fig["confusion"]["row_normalised"], strict=True):
-        lines.append(f"| {c} | " + " | ".join(f"{n} ({_num(r, 2)})" for n, r in zip(counts, norm, strict=True)) + " |")
+    lines += _confusion_table("argmax decisions", fig["confusion"], classes)
+    if fig.get("confusion_decision"):
+        lines += _confusion_table("at the operating point: the `decision` column of the predictions",
+                                  fig["confusion_decision"], classes)
     if fig.get("by_source"):
         lines += ["", "### By data source", "", "| source | images | accuracy | balanced accuracy | AUROC macro"
                   + (" | op sensitivity (TP/P) | op specificity (TN/N) |" if threshold else " |"),
@@ -76,7 +84,9 @@ def _split_section(name: str, fig: dict[str, Any], classes: list[str], threshold
                 row += f" {_num(o['sensitivity'])} ({o['tp']}/{o['tp'] + o['fn']}) | " \
                        f"{_num(o['specificity'])} ({o['tn']}/{o['tn'] + o['fp']}) |"
             lines.append(row)
-    lines += ["", f"Figures: `confusion_{name}.png`, `roc_{name}.png`, `pr_{name}.png`, `reliability_{name}.png`; "
+    lines += ["", f"Figures: `confusion_{name}.png`"
+              + (f", `confusion_decision_{name}.png`" if fig.get("confusion_decision") else "")
+              + f", `roc_{name}.png`, `pr_{name}.png`, `reliability_{name}.png`; "
               f"per-image predictions: `predictions_{name}.csv`.", ""]
     return lines
 

@@ -5,6 +5,12 @@ read becomes a row in ``<output stem>.errors.csv`` instead of an exception, so o
 never stops a job of thousands. Rows are streamed to ``<output>.partial`` after every batch, which
 is what ``resume`` picks up after a crash; the final CSV is written once, atomically, sorted by path.
 Only relative paths, labels and probabilities are written: no DICOM header field reaches an output.
+
+One answer per image: ``decision`` follows the model's frozen operating point (see
+:func:`medgcsam.models.spec.decide`; the argmax when it has none) and ``argmax_label`` is kept only as an
+auxiliary column. With OOD statistics stored with the model, ``ood_score`` (Mahalanobis distance of the
+image's features to the training data) and ``ood_flag`` (above the threshold set on validation at a 5%
+false-alarm rate) say when an image is unlike anything the model was trained on.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -28,10 +35,12 @@ from medgcsam.data.datasets import BatchInputs, to_uint8
 from medgcsam.data.io import IMAGE_SUFFIXES, ImageReadError, find_images, read_image
 from medgcsam.data.transforms import deterministic_transforms
 from medgcsam.files import replace_atomically
-from medgcsam.models.spec import ModelSpec
+from medgcsam.models.ood import OODStats, logits_and_features
+from medgcsam.models.spec import ModelSpec, decide
 
 EXIT_OK, EXIT_FILES_FAILED, EXIT_USAGE, EXIT_CRASHED = 0, 1, 2, 3
 ERROR_COLUMNS = ["path", "reason"]
+_MANIFEST_ADVICE = re.compile(r"set its exclude_reason( in the manifest)?")
 
 
 class PredictionError(ValueError):
@@ -91,11 +100,14 @@ def display_path(rel: str) -> str:
     return os.fsencode(rel).decode("utf-8", "backslashreplace")
 
 
-def output_columns(spec: ModelSpec) -> list[str]:
-    """path, label, prob_<class>..., and threshold_<pos>/decision_<pos> when the model has an operating point."""
-    cols = ["path", "label", *(f"prob_{c}" for c in spec.class_names)]
+def output_columns(spec: ModelSpec, ood: OODStats | None = None) -> list[str]:
+    """path, decision, argmax_label, prob_<class>..., threshold_<pos> with an operating point, ood_score/ood_flag
+    with OOD statistics."""
+    cols = ["path", "decision", "argmax_label", *(f"prob_{c}" for c in spec.class_names)]
     if spec.threshold is not None:
-        cols += [f"threshold_{spec.threshold.positive_class}", f"decision_{spec.threshold.positive_class}"]
+        cols.append(f"threshold_{spec.threshold.positive_class}")
+    if ood is not None:
+        cols += ["ood_score", "ood_flag"]
     return cols
 
 
@@ -129,7 +141,9 @@ class ImageFolder(Dataset):
         return rel, tensor, None
 
     def _relative(self, reason: str, rel: str) -> str:
-        """Folders above the input (often named after a patient or study) stay out of the errors file."""
+        """Folders above the input (often named after a patient or study) stay out of the errors file; the
+        readers' advice for a manifest row becomes advice for a folder, which is what predict reads."""
+        reason = _MANIFEST_ADVICE.sub("move it out of the input folder", reason)
         return reason.replace(str(self.root / rel), display_path(rel)).replace(str(self.root), ".")
 
 
@@ -153,12 +167,13 @@ def predict(
     amp: str = "none",
     resume: bool = False,
     progress: bool = True,
+    ood: OODStats | None = None,
 ) -> PredictionSummary:
     """Predict every image under ``input_dir`` into ``output`` (CSV) and ``<stem>.errors.csv``.
 
     ``model`` is moved to ``device`` in eval mode. With ``resume`` the paths already in ``output`` or in
     its ``.partial`` file (left by an interrupted run) are kept and not predicted again; files that
-    failed before are retried.
+    failed before are retried. ``ood`` (stored with the model) adds the OOD columns.
     """
     start = time.perf_counter()
     input_dir, output = Path(input_dir), Path(output)
@@ -168,8 +183,11 @@ def predict(
         raise PredictionError(f"--output {output} is a folder; give a CSV file name such as {output}/predictions.csv")
     if amp not in ("none", "bf16"):
         raise PredictionError(f"amp {amp!r} not supported for prediction; use 'none' or 'bf16'")
-    columns = output_columns(spec)
-    pos_index = _positive_index(spec)
+    columns = output_columns(spec, ood)
+    try:
+        operating_point = spec.operating_point()
+    except ValueError as exc:
+        raise PredictionError(str(exc)) from None
     paths, ignored = find_images(input_dir)
     if not paths:
         raise PredictionError(f"no PNG, JPEG or DICOM files under {input_dir}; "
@@ -194,6 +212,9 @@ def predict(
     loader = DataLoader(ImageFolder(input_dir, todo, spec), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=collate_with_failures, pin_memory=device.type == "cuda")
     classes, thr, inputs = spec.class_names, spec.threshold, BatchInputs(spec.preprocessing, device)
+    if ood is not None:
+        ood = OODStats(ood.means.to(device), ood.precision.to(device), ood.threshold, ood.false_alarm,
+                       ood.n_train, ood.shrinkage)
 
     failures: list[tuple[str, str]] = []
     bar = tqdm(total=len(todo), unit="img", disable=not progress or not todo, desc="predict")
@@ -203,12 +224,16 @@ def predict(
         for batch_paths, images, batch_failures in loader:
             failures += batch_failures
             if images is not None:
-                probs = forward_probabilities(model, inputs(images), device, amp)
-                for rel, label, p in zip(batch_paths, probs.argmax(dim=1).tolist(), probs.tolist(), strict=True):
+                probs, scores = forward_outputs(model, inputs(images), device, amp, ood)
+                decisions = decide(probs.numpy(), operating_point).tolist()
+                argmax = probs.argmax(dim=1).tolist()
+                for i, (rel, p) in enumerate(zip(batch_paths, probs.tolist(), strict=True)):
                     rel = display_path(rel)
-                    row = [rel, classes[label], *(f"{v:.6f}" for v in p)]
+                    row = [rel, classes[decisions[i]], classes[argmax[i]], *(f"{v:.6f}" for v in p)]
                     if thr is not None:
-                        row += [f"{thr.value:.6f}", "positive" if p[pos_index] >= thr.value else "negative"]
+                        row.append(f"{thr.value:.6f}")
+                    if scores is not None:
+                        row += [f"{scores[i]:.4f}", str(bool(scores[i] > ood.threshold))]
                     writer.writerow(row)
                     done[rel] = row
                 fh.flush()
@@ -224,22 +249,19 @@ def predict(
                              seconds=time.perf_counter() - start, ignored=tuple(map(display_path, ignored)))
 
 
-def forward_probabilities(model: nn.Module, images: torch.Tensor, device: torch.device, amp: str) -> torch.Tensor:
-    """Class probabilities on the host; the one forward path of ``predict`` and of its benchmark's limit."""
+def forward_outputs(model: nn.Module, images: torch.Tensor, device: torch.device, amp: str,
+                    ood: OODStats | None = None) -> tuple[torch.Tensor, list[float] | None]:
+    """Class probabilities on the host and, with ``ood``, each image's OOD distance (from the same forward pass);
+    the one forward path of ``predict`` and of its benchmark's limit."""
     if device.type == "cuda":
         images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-        logits = model(images)
-    return logits.float().softmax(dim=1).cpu()
-
-
-def _positive_index(spec: ModelSpec) -> int:
-    if spec.threshold is None:
-        return -1
-    if spec.threshold.positive_class not in spec.class_names:
-        raise PredictionError(f"model threshold names class {spec.threshold.positive_class!r}, "
-                              f"not one of {spec.class_names}; re-export the model with a valid threshold")
-    return spec.class_names.index(spec.threshold.positive_class)
+    scores = None
+    with torch.inference_mode():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            logits, features = (model(images), None) if ood is None else logits_and_features(model, images)
+        if ood is not None:
+            scores = ood.scores(features).cpu().tolist()  # float32 distances, outside autocast's bf16
+    return logits.float().softmax(dim=1).cpu(), scores
 
 
 def _previous_rows(output: Path, columns: list[str], card: dict[str, object],
