@@ -12,6 +12,7 @@ import typer
 from medgcsam.data.cli import manifest_app
 from medgcsam.engine.cli import train_command
 from medgcsam.evaluation.cli import evaluate_command
+from medgcsam.evaluation.external_cli import validate_external_command
 from medgcsam.experiments.cli import experiment_command
 from medgcsam.inference.cli import predict_command
 from medgcsam.sharpness.cli import landscape_command, sharpness_command
@@ -31,6 +32,7 @@ app.command("train")(train_command)
 app.command("predict")(predict_command)
 app.command("experiment")(experiment_command)
 app.command("evaluate")(evaluate_command)
+app.command("validate-external")(validate_external_command)
 app.command("sharpness")(sharpness_command)
 app.command("landscape")(landscape_command)
 app.add_typer(manifest_app, name="manifest")

@@ -1,10 +1,14 @@
-"""`medgcsam evaluate`: clinical evaluation of a registered, logged or checkpointed model.
+"""`medgcsam evaluate` and `medgcsam validate-external`: clinical evaluation of a registered, logged or
+checkpointed model.
 
-Results are logged to the run that produced the model when MLflow knows it (``runs:/``,
-``models:/name@alias``, ``models:/name/N``, ``models:/m-<id>``), else to a new run. The frozen
-threshold is stored with the model: a checkpoint's model card is rewritten in place; an MLflow
-model is logged again with the updated card (a new registered version when it came from the
-registry, with the alias moved to it).
+`evaluate` scores the pipeline's own splits and logs to the run that produced the model when MLflow knows
+it (``runs:/``, ``models:/name@alias``, ``models:/name/N``, ``models:/m-<id>``), else to a new run. Only with
+``--store-threshold`` does it write the operating point it chose back into the model: a checkpoint's model
+card is rewritten in place; an MLflow model is logged again with the updated card (a new registered version
+when it came from the registry, with the alias moved to it).
+
+`validate-external` scores a frozen model on any labelled manifest (another site's images) and logs to a
+new run tagged with the model's name, version and run, never to the training run.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from medgcsam.data.datasets import DataBundle, build_datasets
 from medgcsam.engine.checkpoint import load_checkpoint, save_checkpoint
 from medgcsam.engine.distributed import resolve_device
 from medgcsam.evaluation.evaluate import evaluate, log_evaluation
-from medgcsam.inference.package import MODEL_REFERENCE_HELP, ModelLoadError, load_classifier, log_classifier
+from medgcsam.inference.package import MODEL_REFERENCE_HELP, ModelLoadError, load_classifier_with_ood, log_classifier
+from medgcsam.models.ood import OODStats
 from medgcsam.models.spec import ModelSpec
 from medgcsam.tracking import TrackingError, activate, ensure_experiment, ensure_reachable, resolve_tracking_uri
 
@@ -42,23 +47,35 @@ class LoadedModel:
     run_id: str | None
     registered: tuple[str, str | None] | None  # (registered name, alias or None)
     device: str
+    ood: OODStats | None = None
 
 
-def _registry_origin(ref: str) -> tuple[str | None, tuple[str, str | None] | None]:
-    """The source run of a model URI and, for registry URIs, (name, alias)."""
+@dataclass(frozen=True)
+class Origin:
+    """Where in MLflow a model reference points: its source run and, for registry URIs, name/version/alias."""
+
+    run_id: str | None = None
+    name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+
+
+def model_origin(ref: str) -> Origin:
+    """The source run of a model URI and, for registry URIs, its registered name, version and alias."""
     client = MlflowClient()
     if ref.startswith("runs:/"):
-        return ref.removeprefix("runs:/").split("/", 1)[0], None
+        return Origin(run_id=ref.removeprefix("runs:/").split("/", 1)[0])
     if not ref.startswith("models:/"):
-        return None, None
+        return Origin()
     body = ref.removeprefix("models:/")
     if body.startswith("m-"):
-        return mlflow.get_logged_model(body.split("/", 1)[0]).source_run_id, None
+        return Origin(run_id=mlflow.get_logged_model(body.split("/", 1)[0]).source_run_id)
     if "@" in body:
         name, alias = body.split("@", 1)
-        return client.get_model_version_by_alias(name, alias).run_id, (name, alias)
+        mv = client.get_model_version_by_alias(name, alias)
+        return Origin(mv.run_id, name, str(mv.version), alias)
     name, version = body.rsplit("/", 1)
-    return client.get_model_version(name, version).run_id, (name, None)
+    return Origin(client.get_model_version(name, version).run_id, name, version)
 
 
 def load_for_cli(model_ref: str, pipeline: Path, overrides: list[str], tracking_uri: str | None) -> LoadedModel:
@@ -69,12 +86,13 @@ def load_for_cli(model_ref: str, pipeline: Path, overrides: list[str], tracking_
         ensure_reachable(uri, cfg.tracking.connect_timeout_s)
         activate(uri)
         device = str(resolve_device(cfg.train.device))
-        model, spec = load_classifier(model_ref, device=device)
-        run_id, registered = _registry_origin(model_ref)
+        model, spec, ood = load_classifier_with_ood(model_ref, device=device)
+        origin = model_origin(model_ref)
+        run_id, registered = origin.run_id, ((origin.name, origin.alias) if origin.name else None)
     except (ConfigError, TrackingError, ModelLoadError, RuntimeError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
-    return LoadedModel(model_ref, model, spec, cfg, run_id, registered, device)
+    return LoadedModel(model_ref, model, spec, cfg, run_id, registered, device, ood)
 
 
 @contextlib.contextmanager
@@ -113,7 +131,7 @@ def _store_threshold(loaded: LoadedModel, spec: ModelSpec) -> str:
         save_checkpoint(path, ckpt)
         return str(path)
     name, alias = loaded.registered if loaded.registered else (None, None)
-    info = log_classifier(loaded.model, spec, registered_model_name=name, alias=alias)
+    info = log_classifier(loaded.model, spec, registered_model_name=name, alias=alias, ood=loaded.ood)
     return info.model_uri + (f" (registered {name} v{info.registered_model_version})" if name else "")
 
 
@@ -126,10 +144,14 @@ def evaluate_command(
                                        "(default: <output_dir>/evaluation)"),
     overrides: list[str] = typer.Option(None, "--set", help="Override a config field, e.g. evaluation.bootstrap=2000"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri"),
-    store_threshold: bool = typer.Option(True, "--store-threshold/--no-store-threshold",
-                                         help="Write the chosen threshold into the model card"),
+    store_threshold: bool = typer.Option(False, "--store-threshold",
+                                         help="Also write the chosen threshold and temperature into the model: "
+                                         "rewrites a checkpoint's card, or logs a NEW registered version and "
+                                         "moves the alias to it. Off by default: nothing else changes."),
 ) -> None:
-    """Per-class sensitivity/specificity/PPV/NPV with 95% CIs, AUROC, calibration, frozen operating point."""
+    """Per-class sensitivity/specificity/PPV/NPV with 95% CIs, AUROC, calibration, frozen operating point.
+
+    Scores the pipeline's own splits; for another site's images use `validate-external`."""
     loaded = load_for_cli(model, pipeline, overrides or [], tracking_uri)
     cfg_eval = loaded.cfg.evaluation
     if split:

@@ -87,7 +87,7 @@ def _groups(frame: pd.DataFrame | None) -> np.ndarray | None:
     return np.where(missing, [f"__row{i}" for i in range(len(ids))], ids.to_numpy())
 
 
-def _check_finite(name: str, logits: np.ndarray, frame: pd.DataFrame | None) -> None:
+def check_finite(name: str, logits: np.ndarray, frame: pd.DataFrame | None) -> None:
     """NaN or infinite outputs would be scored as class 0 and only fail later in a plot: name the images now."""
     bad = np.flatnonzero(~np.isfinite(logits).all(axis=1))
     if len(bad):
@@ -98,7 +98,7 @@ def _check_finite(name: str, logits: np.ndarray, frame: pd.DataFrame | None) -> 
                          f"so check the checkpoint and these files before evaluating")
 
 
-def _score_split(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.DataFrame | None, spec: ModelSpec,
+def score_split(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.DataFrame | None, spec: ModelSpec,
                  cfg: EvaluationConfig, temperature: float, op: tuple[int, float] | None, seed: int) -> dict[str, Any]:
     classes = spec.class_names
     probs = softmax(logits)
@@ -143,7 +143,7 @@ def _confusion_entry(cm: np.ndarray) -> dict[str, list]:
     return {"counts": cm.tolist(), "row_normalised": row_normalise(cm).tolist()}
 
 
-def _write_split_files(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.DataFrame | None,
+def write_split_files(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.DataFrame | None,
                        spec: ModelSpec, temperature: float, op: tuple[int, float] | None, fig: dict[str, Any],
                        out_dir: Path, n_bins: int) -> list[Path]:
     classes = spec.class_names
@@ -206,7 +206,7 @@ def evaluate(model: nn.Module, bundle: Any, spec: ModelSpec, cfg: EvaluationConf
         if frame is not None and len(frame) != len(preds[name][1]):
             raise ValueError(f"split {name!r}: {len(frame)} manifest rows but {len(preds[name][1])} predictions; "
                              f"bundle.frames must list the dataset's images in order")
-        _check_finite(name, preds[name][0], frame)
+        check_finite(name, preds[name][0], frame)
     val_logits, val_y = preds["val"]
     temperature = fit_temperature(val_logits, val_y)
     pos = _positive_index(spec, cfg)
@@ -228,18 +228,18 @@ def evaluate(model: nn.Module, bundle: Any, spec: ModelSpec, cfg: EvaluationConf
     for name in names:
         logits, y = preds[name]
         frame = frames.get(name)
-        fig = _score_split(name, logits, y, frame, spec, cfg, temperature, op, seed)
+        fig = score_split(name, logits, y, frame, spec, cfg, temperature, op, seed)
         figures["splits"][name] = fig
-        files += _write_split_files(name, logits, y, frame, spec, temperature, op, fig, out_dir, cfg.ece_bins)
+        files += write_split_files(name, logits, y, frame, spec, temperature, op, fig, out_dir, cfg.ece_bins)
     new_spec = spec.model_copy(update={"threshold": threshold or spec.threshold, "temperature": temperature})
     json_path = out_dir / "evaluation.json"
-    json_path.write_text(json.dumps(figures, indent=2, default=_jsonable, allow_nan=True), encoding="utf-8")
+    json_path.write_text(json.dumps(figures, indent=2, default=jsonable, allow_nan=True), encoding="utf-8")
     (out_dir / "spec.json").write_text(new_spec.model_dump_json(indent=2), encoding="utf-8")
     files += [json_path, out_dir / "spec.json", write_report(figures, out_dir / "report.md")]
     return EvaluationResult(figures, new_spec, temperature, threshold, out_dir, files)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
