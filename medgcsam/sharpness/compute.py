@@ -103,7 +103,8 @@ def compute_sharpness(model: nn.Module, data: Dataset | Iterable, cfg: Sharpness
 def _write_sharpness(out: Path, metrics: dict[str, float], cfg: SharpnessConfig, density: Density | None,
                      eig: Eigen, graphs_kept: bool | None, dtype: torch.dtype) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    record = {"metrics": metrics, "settings": cfg.model_dump(), "top_eigenvalues": list(eig.values),
+    # "enabled" only says whether training runs this stage; a record of a computation that ran must not say false
+    record = {"metrics": metrics, "settings": cfg.model_dump(exclude={"enabled"}), "top_eigenvalues": list(eig.values),
               "residuals": list(eig.residuals), "lanczos_residual_estimates": eig.residual_estimates,
               "precision": {"dtype": str(dtype).removeprefix("torch."), "tf32": False, "sdpa": "math"},
               "operator": "mean cross-entropy, eval mode, no weight decay, all trainable parameters",
