@@ -201,5 +201,14 @@ def test_cli_evaluate_registered_model_stores_threshold_in_new_version(setup, tm
     assert int(client.get_model_version_by_alias("evaltest-model", "champion").version) == 2
     _, new_spec = load_classifier("models:/evaltest-model@champion")
     assert new_spec.threshold is not None and new_spec.threshold.positive_class == "malignant"
-    # the figures went to the run that trained (logged) the model
-    assert "test/accuracy" in client.get_run(run.info.run_id).data.metrics
+    # the figures went to a new run beside the one that logged the model, linked to it by tags
+    assert "test/accuracy" not in client.get_run(run.info.run_id).data.metrics
+    (new,) = client.search_runs([run.info.experiment_id], "tags.`medgcsam.kind` = 'evaluation'")
+    assert new.data.tags["medgcsam.model_run_id"] == run.info.run_id
+    assert new.data.tags["medgcsam.model_version"] == "1" and "test/accuracy" in new.data.metrics
+
+    res = CliRunner().invoke(app, ["evaluate", "--model", "models:/evaltest-model/1", "--pipeline", str(pipeline),
+                                   "--output", str(tmp_path / "ev2"), "--split", "test",
+                                   "--set", "evaluation.bootstrap=0", "--into-training-run"])
+    assert res.exit_code == 0, res.output
+    assert "test/accuracy" in client.get_run(run.info.run_id).data.metrics  # asked for: the old behaviour

@@ -106,8 +106,10 @@ def test_external_validation_logs_a_new_run_and_leaves_the_training_run_alone(tr
     assert ood is not None and "external/ood_flag_rate" in new.data.metrics
 
 
-def test_evaluate_changes_no_registry_version_unless_asked(trained, tmp_path):
-    _, manifest, uri, _ = trained
+def test_evaluate_changes_no_registry_version_nor_the_training_run_unless_asked(trained, tmp_path):
+    _, manifest, uri, result = trained
+    client = MlflowClient(tracking_uri=uri)
+    before = _snapshot(client, result.run_id, tmp_path / "before")
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(json.dumps({"name": "ext", "output_dir": str(tmp_path / "o"),
                                     "data": {"manifest": str(manifest), "image_size": 32, "channels": 1,
@@ -118,7 +120,14 @@ def test_evaluate_changes_no_registry_version_unless_asked(trained, tmp_path):
     res = CliRunner().invoke(app, ["evaluate", "--model", "models:/ext-model@champion", "--pipeline",
                                    str(pipeline), "--output", str(tmp_path / "ev")])
     assert res.exit_code == 0, res.output
-    assert len(MlflowClient(tracking_uri=uri).search_model_versions("name = 'ext-model'")) == 1
+    assert len(client.search_model_versions("name = 'ext-model'")) == 1
+    assert _snapshot(client, result.run_id, tmp_path / "after") == before
+    run_id = res.output.strip().split("MLflow run ", 1)[1].split()[0]
+    new = client.get_run(run_id)
+    sha = file_sha256(manifest)
+    assert new.data.tags["medgcsam.kind"] == "evaluation" and new.data.tags["medgcsam.model_run_id"] == result.run_id
+    assert new.data.tags["medgcsam.evaluated_manifest_sha256"] == sha
+    assert f"Evaluated manifest `{manifest.name}`, sha256 `{sha}`" in (tmp_path / "ev" / "report.md").read_text()
 
 
 def test_ood_scores_higher_on_shifted_images(trained, tmp_path):

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import mlflow
 import typer
-from mlflow.tracking import MlflowClient
 from torch import nn
 
 from medgcsam.config import ConfigError, PipelineConfig, load_config
@@ -28,6 +27,7 @@ from medgcsam.data.datasets import DataBundle, build_datasets
 from medgcsam.engine.checkpoint import load_checkpoint, save_checkpoint
 from medgcsam.engine.distributed import resolve_device
 from medgcsam.evaluation.evaluate import evaluate, log_evaluation
+from medgcsam.evaluation.runs import Origin, linked_run, model_origin, training_experiment
 from medgcsam.inference.package import MODEL_REFERENCE_HELP, ModelLoadError, load_classifier_with_ood, log_classifier
 from medgcsam.models.ood import OODStats
 from medgcsam.models.spec import ModelSpec
@@ -48,34 +48,7 @@ class LoadedModel:
     registered: tuple[str, str | None] | None  # (registered name, alias or None)
     device: str
     ood: OODStats | None = None
-
-
-@dataclass(frozen=True)
-class Origin:
-    """Where in MLflow a model reference points: its source run and, for registry URIs, name/version/alias."""
-
-    run_id: str | None = None
-    name: str | None = None
-    version: str | None = None
-    alias: str | None = None
-
-
-def model_origin(ref: str) -> Origin:
-    """The source run of a model URI and, for registry URIs, its registered name, version and alias."""
-    client = MlflowClient()
-    if ref.startswith("runs:/"):
-        return Origin(run_id=ref.removeprefix("runs:/").split("/", 1)[0])
-    if not ref.startswith("models:/"):
-        return Origin()
-    body = ref.removeprefix("models:/")
-    if body.startswith("m-"):
-        return Origin(run_id=mlflow.get_logged_model(body.split("/", 1)[0]).source_run_id)
-    if "@" in body:
-        name, alias = body.split("@", 1)
-        mv = client.get_model_version_by_alias(name, alias)
-        return Origin(mv.run_id, name, str(mv.version), alias)
-    name, version = body.rsplit("/", 1)
-    return Origin(client.get_model_version(name, version).run_id, name, version)
+    origin: Origin = Origin()
 
 
 def load_for_cli(model_ref: str, pipeline: Path, overrides: list[str], tracking_uri: str | None) -> LoadedModel:
@@ -88,11 +61,11 @@ def load_for_cli(model_ref: str, pipeline: Path, overrides: list[str], tracking_
         device = str(resolve_device(cfg.train.device))
         model, spec, ood = load_classifier_with_ood(model_ref, device=device)
         origin = model_origin(model_ref)
-        run_id, registered = origin.run_id, ((origin.name, origin.alias) if origin.name else None)
+        registered = (origin.name, origin.alias) if origin.name else None
     except (ConfigError, TrackingError, ModelLoadError, RuntimeError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
-    return LoadedModel(model_ref, model, spec, cfg, run_id, registered, device, ood)
+    return LoadedModel(model_ref, model, spec, cfg, origin.run_id, registered, device, ood, origin)
 
 
 @contextlib.contextmanager
@@ -106,6 +79,13 @@ def model_run(loaded: LoadedModel, run_name: str) -> Iterator[str]:
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
                           tags={"medgcsam.model_ref": loaded.ref}) as run:
         yield run.info.run_id
+
+
+def evaluation_run(loaded: LoadedModel, manifest_sha: str) -> contextlib.AbstractContextManager[str]:
+    """A new run beside the model's training run (its experiment, else the pipeline's), linked by tags."""
+    experiment_id = training_experiment(loaded.origin) or ensure_experiment(loaded.cfg, mlflow.get_tracking_uri())
+    return linked_run(loaded.ref, loaded.origin, experiment_id, "evaluate", "evaluation",
+                      {"medgcsam.evaluated_manifest_sha256": manifest_sha})
 
 
 def bundle_for(loaded: LoadedModel) -> DataBundle:
@@ -148,10 +128,15 @@ def evaluate_command(
                                          help="Also write the chosen threshold and temperature into the model: "
                                          "rewrites a checkpoint's card, or logs a NEW registered version and "
                                          "moves the alias to it. Off by default: nothing else changes."),
+    into_training_run: bool = typer.Option(False, "--into-training-run",
+                                           help="Log into the model's training run, replacing its evaluation "
+                                           "metrics and evaluation/ artifacts (default: a NEW run linked to it "
+                                           "by tags)"),
 ) -> None:
     """Per-class sensitivity/specificity/PPV/NPV with 95% CIs, AUROC, calibration, frozen operating point.
 
-    Scores the pipeline's own splits; for another site's images use `validate-external`."""
+    Scores the pipeline's own splits; for another site's images use `validate-external`. Logs to a new
+    MLflow run tagged with the model (the training run keeps its figures) unless --into-training-run."""
     loaded = load_for_cli(model, pipeline, overrides or [], tracking_uri)
     cfg_eval = loaded.cfg.evaluation
     if split:
@@ -161,11 +146,15 @@ def evaluate_command(
     try:
         result = evaluate(loaded.model, bundle, loaded.spec, cfg_eval, loaded.device, out_dir,
                           batch_size=loaded.cfg.data.eval_batch_size or loaded.cfg.data.batch_size,
-                          seed=loaded.cfg.train.seed)
+                          seed=loaded.cfg.train.seed, manifest=loaded.cfg.data.manifest)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
-    with model_run(loaded, "evaluate") as run_id:
+    if into_training_run and loaded.run_id is None:
+        typer.echo(f"note: MLflow knows no training run of {model}; logging to a new run", err=True)
+    into = into_training_run and loaded.run_id is not None
+    sha = result.figures["evaluated_manifest"]["sha256"]
+    with model_run(loaded, "evaluate") if into else evaluation_run(loaded, sha) as run_id:
         log_evaluation(result)
         where = _store_threshold(loaded, result.spec) if store_threshold and result.threshold else None
     for name, fig in result.figures["splits"].items():
@@ -175,4 +164,5 @@ def evaluate_command(
     if result.threshold is not None:
         typer.echo(f"operating point: p({result.threshold.positive_class}) >= {result.threshold.value:.4f} "
                    f"({result.threshold.rule})" + (f"; stored in {where}" if where else ""))
-    typer.echo(f"report: {out_dir / 'report.md'}; MLflow run {run_id}")
+    typer.echo(f"report: {out_dir / 'report.md'}; MLflow run {run_id}"
+               + (" (the training run)" if into else " (new; the training run is unchanged)"))

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medgcsam.config import EvaluationConfig
+from medgcsam.data.manifest import manifest_sha256
 from medgcsam.evaluation import plots
 from medgcsam.evaluation.calibration import fit_temperature, softmax
 from medgcsam.evaluation.metrics import (
@@ -184,8 +185,12 @@ def write_split_files(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.Da
 
 
 def evaluate(model: nn.Module, bundle: Any, spec: ModelSpec, cfg: EvaluationConfig, device: torch.device | str,
-             out_dir: str | Path, *, batch_size: int = 32, seed: int = 0) -> EvaluationResult:
+             out_dir: str | Path, *, batch_size: int = 32, seed: int = 0,
+             manifest: str | Path | None = None) -> EvaluationResult:
     """Evaluate ``model`` on ``cfg.splits`` of ``bundle`` (``.val``/``.test`` datasets, ``.frames``).
+
+    ``manifest`` (the file the bundle was read from) is named with its sha256 in the report: it need not
+    be the manifest the model was trained on.
 
     The validation split is always predicted: it fits the temperature and the operating point,
     which are then frozen for every split reported.
@@ -224,6 +229,8 @@ def evaluate(model: nn.Module, bundle: Any, spec: ModelSpec, cfg: EvaluationConf
         "no operating point: multiclass model and evaluation.positive_class unset (decisions are argmax)",
         "splits": {},
     }
+    if manifest is not None:
+        figures["evaluated_manifest"] = {"path": str(manifest), "sha256": manifest_sha256(manifest)}
     files: list[Path] = []
     for name in names:
         logits, y = preds[name]

@@ -20,8 +20,9 @@ from mlflow.tracking import MlflowClient
 
 from medgcsam.config import EvaluationConfig
 from medgcsam.data.manifest import ManifestError
-from medgcsam.evaluation.cli import EXIT_USAGE, Origin, model_origin
+from medgcsam.evaluation.cli import EXIT_USAGE
 from medgcsam.evaluation.external import SPLIT, ExternalResult, validate_external
+from medgcsam.evaluation.runs import Origin, linked_run, model_origin, training_experiment
 from medgcsam.inference.package import MODEL_REFERENCE_HELP, ModelLoadError, load_classifier_with_ood
 from medgcsam.tracking import TrackingError, activate, ensure_reachable
 
@@ -53,9 +54,9 @@ def internal_figures(ref: str, origin: Origin, explicit: Path | None) -> tuple[d
 
 def _experiment_id(origin: Origin, uri: str) -> str:
     """The training run's experiment, else ``medgcsam-external`` (artifacts beside a sqlite store)."""
+    if (known := training_experiment(origin)) is not None:
+        return known
     client = MlflowClient()
-    if origin.run_id is not None:
-        return client.get_run(origin.run_id).info.experiment_id
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is not None:
         return exp.experiment_id
@@ -68,16 +69,13 @@ def _experiment_id(origin: Origin, uri: str) -> str:
 def log_external(result: ExternalResult, ref: str, origin: Origin, uri: str, run_name: str) -> str:
     """A new run linked to the model by tags; returns its id."""
     ext = result.figures["external_manifest"]
-    tags = {"medgcsam.kind": "external_validation", "medgcsam.model_ref": ref,
-            "medgcsam.external_manifest_sha256": ext["sha256"]}
-    tags.update({f"medgcsam.model_{k}": v for k, v in (("name", origin.name), ("version", origin.version),
-                                                          ("alias", origin.alias), ("run_id", origin.run_id)) if v})
-    with mlflow.start_run(experiment_id=_experiment_id(origin, uri), run_name=run_name, tags=tags) as run:
+    with linked_run(ref, origin, _experiment_id(origin, uri), run_name, "external_validation",
+                    {"medgcsam.external_manifest_sha256": ext["sha256"]}) as run_id:
         mlflow.log_params({"external_manifest": Path(ext["path"]).name, "external_rows": ext["rows"],
                            "external_manifest_sha256": ext["sha256"]})
         mlflow.log_metrics(result.metrics())
         mlflow.log_artifacts(str(result.out_dir), artifact_path="external_validation")
-        return run.info.run_id
+    return run_id
 
 
 def validate_external_command(

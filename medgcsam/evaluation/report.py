@@ -113,12 +113,18 @@ def _no_patients_note(figures: dict[str, Any]) -> list[str]:
             "optimistic: judge them on a test split of separate patients.", ""]
 
 
+def _evaluated_manifest(entry: dict[str, str] | None) -> str:
+    """The manifest scored here, which a later `evaluate` may take from another pipeline than training's."""
+    return f" Evaluated manifest `{Path(entry['path']).name}`, sha256 `{entry['sha256']}`." if entry else ""
+
+
 def write_report(figures: dict[str, Any], path: Path) -> Path:
     """Render ``figures`` (the evaluation JSON) as Markdown at ``path``."""
     model, thr = figures["model"], figures["threshold"]
     lines = ["# Evaluation report", "",
-             f"Model `{model['backbone']}`, classes {', '.join(model['classes'])}; manifest sha256 "
-             f"`{model['manifest_sha256'] or 'n/a'}`, config sha256 `{model['config_sha256'] or 'n/a'}`.", "",
+             f"Model `{model['backbone']}`, classes {', '.join(model['classes'])}; trained on manifest sha256 "
+             f"`{model['manifest_sha256'] or 'n/a'}`, config sha256 `{model['config_sha256'] or 'n/a'}`."
+             + _evaluated_manifest(figures.get("evaluated_manifest")), "",
              f"Temperature (fitted on validation): {figures['temperature']:.4f}." + _bound_note(figures['temperature']),
              (f"Operating point: p({thr['positive_class']}) >= {thr['value']:.4f}, rule {thr['rule']}, chosen on "
               "validation and frozen." if thr else f"Operating point: {figures['threshold_note']}."), ""]
