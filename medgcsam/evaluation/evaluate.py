@@ -206,7 +206,7 @@ def evaluate(model: nn.Module, bundle: Any, spec: ModelSpec, cfg: EvaluationConf
             raise ValueError(f"split {name!r} is missing or empty in the data bundle; evaluation needs a validation "
                              f"split (data.val_fold) and every split in evaluation.splits ({cfg.splits})")
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-        preds[name] = predict_split(model, loader, device)
+        preds[name] = predict_split(model, loader, device, desc=f"predict {name}")
         frame = frames.get(name)
         if frame is not None and len(frame) != len(preds[name][1]):
             raise ValueError(f"split {name!r}: {len(frame)} manifest rows but {len(preds[name][1])} predictions; "

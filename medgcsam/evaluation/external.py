@@ -22,7 +22,6 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from medgcsam.config import EvaluationConfig
 from medgcsam.data.datasets import ManifestDataset
@@ -35,6 +34,7 @@ from medgcsam.evaluation.operating_point import choose_threshold
 from medgcsam.evaluation.report import write_external_report
 from medgcsam.models.ood import OODStats, logits_and_features
 from medgcsam.models.spec import ModelSpec
+from medgcsam.progress import progress
 
 SPLIT = "external"
 # the figures compared with the internal test split, in the order of the side-by-side table
@@ -95,7 +95,7 @@ def _predict(model: nn.Module, dataset: ManifestDataset, device: torch.device | 
     model.eval()
     logits, labels, scores = [], [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for batch in tqdm(loader, desc="external", unit="batch", leave=False):
+    for batch in progress(loader, desc="predict external", unit="batch"):
         x = batch["image"].to(device)
         if ood is None:
             out = model(x)
