@@ -1,8 +1,11 @@
 """`medgcsam evaluate` and `medgcsam validate-external`: clinical evaluation of a registered, logged or
 checkpointed model.
 
-`evaluate` scores the pipeline's own splits and logs to the run that produced the model when MLflow knows
-it (``runs:/``, ``models:/name@alias``, ``models:/name/N``, ``models:/m-<id>``), else to a new run. Only with
+`evaluate` scores the pipeline's own splits and logs to a new run, in the experiment of the run that produced
+the model when MLflow knows it (``runs:/``, ``models:/name@alias``, ``models:/name/N``, ``models:/m-<id>``) and
+linked to it by tags (:mod:`medgcsam.evaluation.runs`), so the training run keeps its figures; with
+``--into-training-run`` it writes into that run instead. `sharpness` and `landscape` (``model_run``) still log
+to the training run: a later `sharpness` replaces its ``sharpness/`` files. Only with
 ``--store-threshold`` does it write the operating point it chose back into the model: a checkpoint's model
 card is rewritten in place; an MLflow model is logged again with the updated card (a new registered version
 when it came from the registry, with the alias moved to it).
