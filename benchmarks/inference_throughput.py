@@ -1,7 +1,7 @@
 """End-to-end `predict` throughput over real BUSI PNGs, as a fraction of the model's pure forward throughput.
 
 The limit is the forward pass alone on uint8 batches preloaded in memory (same batch size, same
-normalization and ``forward_probabilities`` path, same precision); end to end adds file listing, decoding and
+normalization and ``forward_outputs`` path, same precision); end to end adds file listing, decoding and
 preprocessing in DataLoader workers, host-to-device copies and the CSV. Both are measured in this
 run, on this machine, so the printed fraction is what the target (>= 0.7) is about.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from medgcsam.data.datasets import BatchInputs
-from medgcsam.inference.predict import ImageFolder, find_images, forward_probabilities, predict
+from medgcsam.inference.predict import ImageFolder, find_images, forward_outputs, predict
 from medgcsam.models.factory import create_model, input_spec
 from medgcsam.models.spec import ModelSpec, Preprocessing, Threshold
 
@@ -93,12 +93,12 @@ def forward_benchmark(model, spec: ModelSpec, data: Path, paths: list[str], args
     if device.type == "cuda":
         batches = [b.pin_memory() for b in batches]  # as the DataLoader delivers them
     inputs = BatchInputs(spec.preprocessing, device)  # normalization on the device, as in predict
-    forward_probabilities(model, inputs(batches[0]), device, args.amp)  # warm-up (cuDNN autotune, allocator)
+    forward_outputs(model, inputs(batches[0]), device, args.amp)  # warm-up (cuDNN autotune, allocator)
 
     def images_per_second() -> float:
         start = time.perf_counter()
         for batch in batches:
-            forward_probabilities(model, inputs(batch), device, args.amp)  # ends with .cpu(): synchronizes
+            forward_outputs(model, inputs(batch), device, args.amp)  # ends with .cpu(): synchronizes
         return len(paths) / (time.perf_counter() - start)
 
     return images_per_second

@@ -15,3 +15,5 @@ start=$(date +%s)
 echo "main job finished in $(( $(date +%s) - start )) s (install not counted)"
 echo "predictions: outputs/busi-mini/predictions.csv"
 echo "browse runs and the registered model: .venv/bin/mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI"
+echo "the README's next commands (evaluate, validate-external, predict) read the same store; in your shell run:"
+echo "  export MLFLOW_TRACKING_URI=\"$MLFLOW_TRACKING_URI\""

@@ -40,8 +40,28 @@ def test_generic_folder_layout(tmp_path):
     make_image_folder(tmp_path / "ds", ("a", "b"), 2, fmt="jpeg")
     df = build_manifest("folder", tmp_path / "ds").frame
     assert df["label"].tolist() == ["a", "a", "b", "b"] and (df["source"] == "ds").all()
+    (tmp_path / "empty" / "a").mkdir(parents=True)
     with pytest.raises(BuildError, match="no images"):
-        build_manifest("folder", tmp_path / "ds" / "a")
+        build_manifest("folder", tmp_path / "empty")
+
+
+def test_flat_folder_is_refused_naming_the_folder_and_the_layout(tmp_path):
+    """Images straight in the folder have no class: refused, not one class named after a stray sub-folder."""
+    flat = tmp_path / "flat"
+    make_image_folder(tmp_path, ("flat",), 3)
+    make_image_folder(flat, ("images",), 2)
+    out = tmp_path / "m.csv"
+    res = CliRunner().invoke(manifest_app, ["build", "--format", "folder", str(flat), "-o", str(out)])
+    assert res.exit_code == 2 and not out.exists()
+    assert f"{flat}: 3 image(s) lie directly in the folder" in res.output
+    assert f"{flat}/<class>/<image>" in res.output and "flat (1).png" in res.output
+
+
+def test_one_class_folder_builds_with_a_warning(tmp_path):
+    make_image_folder(tmp_path / "site", ("images",), 2)
+    result = build_manifest("folder", tmp_path / "site")
+    assert result.frame["label"].eq("images").all()
+    assert any("every image is labelled 'images'" in note for note in result.notes)
 
 
 def test_folder_keeps_suffixless_dicom_and_reports_what_it_leaves_out(tmp_path):

@@ -179,3 +179,32 @@ def test_uppercase_sha256_is_the_same_digest(clean):
     df.to_csv(clean, index=False)
     report = validate_manifest(clean, near_duplicates=False)
     assert "sha256-mismatch" not in _codes(report) and ("warning", "duplicate") in _codes(report)
+
+
+def test_root_given_for_paths_relative_to_the_manifest_is_one_clear_error(tmp_path):
+    """`manifest build` writes paths relative to the manifest's folder; passing the image folder as --root then
+    made every row "missing". Now: one error naming both folders and the fix; without --root it validates, and
+    training with that data.root stops before reading any image, with the same message."""
+    from medgcsam.config import DataConfig
+    from medgcsam.data.datasets import build_datasets
+    from medgcsam.data.manifest import read_manifest
+    from tests.helpers_images import make_image_folder
+
+    images = tmp_path / "data" / "busi"
+    make_image_folder(images, ("benign", "malignant"), 3)
+    manifest = tmp_path / "manifests" / "site" / "v1" / "busi.csv"
+    runner = CliRunner()
+    assert runner.invoke(manifest_app, ["build", "-f", "folder", str(images), "-o", str(manifest)]).exit_code == 0
+    assert read_manifest(manifest)["path"].str.startswith("../../../data/busi/").all()
+
+    res = runner.invoke(manifest_app, ["validate", str(manifest), "--root", str(images), "--no-near-duplicates"])
+    assert res.exit_code == 1 and "missing-file" not in res.output
+    assert "[wrong-root]" in res.output and str(manifest.parent) in res.output and "--relative-to-root" in res.output
+    assert validate_manifest(manifest, near_duplicates=False).ok
+    with pytest.raises(ValueError, match="relative to the manifest's own folder"):
+        build_datasets(DataConfig(manifest=manifest, root=images), {"image_size": 32, "channels": 1})
+    # paths made relative to the image folder are read under --root as before
+    rooted = tmp_path / "rooted.csv"
+    assert runner.invoke(manifest_app, ["build", "-f", "folder", str(images), "-o", str(rooted),
+                                        "--relative-to-root"]).exit_code == 0
+    assert validate_manifest(rooted, root=images, near_duplicates=False).ok

@@ -64,8 +64,8 @@ def test_evaluate_figures_match_predictions(setup):
     result = evaluate(model, bundle, spec, cfg.evaluation, "cpu", out, batch_size=8)
     names = {p.name for p in out.iterdir()}
     for split in ("val", "test"):
-        assert {f"predictions_{split}.csv", f"confusion_{split}.png", f"roc_{split}.png", f"pr_{split}.png",
-                f"reliability_{split}.png"} <= names
+        assert {f"predictions_{split}.csv", f"confusion_{split}.png", f"confusion_decision_{split}.png",
+                f"roc_{split}.png", f"pr_{split}.png", f"reliability_{split}.png"} <= names
     assert {"evaluation.json", "report.md", "spec.json"} <= names
 
     val = pd.read_csv(out / "predictions_val.csv")
@@ -80,7 +80,11 @@ def test_evaluate_figures_match_predictions(setup):
     y = (test["label"] == "malignant").to_numpy()
     expected = binary_counts(test["p_malignant"].to_numpy() >= thr.value, y)
     assert fig["operating_point"] == expected
-    assert fig["headline"]["accuracy"] == pytest.approx(accuracy_score(test["label"], test["predicted"]))
+    assert fig["headline"]["accuracy"] == pytest.approx(accuracy_score(test["label"], test["argmax_label"]))
+    # one answer per image: `decision` follows the frozen threshold, and its confusion matrix sits in the report
+    assert (test["decision"] == np.where(test["p_malignant"] >= thr.value, "malignant", "benign")).all()
+    cm = fig["confusion_decision"]["counts"]
+    assert (cm[1][1], cm[1][0], cm[0][1], cm[0][0]) == (expected["tp"], expected["fn"], expected["fp"], expected["tn"])
     assert fig["headline"]["auroc_macro"] == pytest.approx(roc_auc_score(y, test["p_malignant"]))
     # patients, not images, are resampled; intervals bracket the point estimate
     assert fig["bootstrap"] == {"resamples": 200, "unit": "patient"}
@@ -96,6 +100,8 @@ def test_evaluate_figures_match_predictions(setup):
     assert saved["threshold"]["value"] == thr.value
     report = (out / "report.md").read_text()
     assert "Operating point: p(malignant) >=" in report and "| malignant |" in report
+    assert "Confusion matrix, at the operating point" in report and "Confusion matrix, argmax" in report
+    assert result.spec.temperature == result.temperature  # frozen with the threshold, for external validation
     assert "no patient ids" not in report
     saved["splits"]["test"]["n_patients"] = None  # ids in validation are what the note is about
     assert "no patient ids" not in write_report(saved, out / "test_only.md").read_text()
@@ -147,6 +153,10 @@ def test_cli_evaluate_sharpness_landscape_on_checkpoint(setup, tmp_path):
     res = runner.invoke(app, ["evaluate", "--model", str(ckpt), "--pipeline", str(pipeline), "--output",
                               str(tmp_path / "ev"), "--set", "evaluation.bootstrap=50"])
     assert res.exit_code == 0, res.output
+    assert torch.load(ckpt, weights_only=True)["spec"]["threshold"] is None  # nothing stored unless asked
+    res = runner.invoke(app, ["evaluate", "--model", str(ckpt), "--pipeline", str(pipeline), "--output",
+                              str(tmp_path / "ev"), "--set", "evaluation.bootstrap=50", "--store-threshold"])
+    assert res.exit_code == 0, res.output
     assert "operating point: p(malignant) >=" in res.output
     stored = torch.load(ckpt, weights_only=True)
     assert stored["spec"]["threshold"]["positive_class"] == "malignant" and stored["epoch"] == 3
@@ -185,11 +195,20 @@ def test_cli_evaluate_registered_model_stores_threshold_in_new_version(setup, tm
         log_classifier(model, spec, registered_model_name="evaltest-model", alias="champion")
     res = CliRunner().invoke(app, ["evaluate", "--model", "models:/evaltest-model@champion", "--pipeline",
                                    str(pipeline), "--output", str(tmp_path / "ev"), "--split", "test",
-                                   "--set", "evaluation.bootstrap=20"])
+                                   "--set", "evaluation.bootstrap=20", "--store-threshold"])
     assert res.exit_code == 0, res.output
     client = MlflowClient()
     assert int(client.get_model_version_by_alias("evaltest-model", "champion").version) == 2
     _, new_spec = load_classifier("models:/evaltest-model@champion")
     assert new_spec.threshold is not None and new_spec.threshold.positive_class == "malignant"
-    # the figures went to the run that trained (logged) the model
-    assert "test/accuracy" in client.get_run(run.info.run_id).data.metrics
+    # the figures went to a new run beside the one that logged the model, linked to it by tags
+    assert "test/accuracy" not in client.get_run(run.info.run_id).data.metrics
+    (new,) = client.search_runs([run.info.experiment_id], "tags.`medgcsam.kind` = 'evaluation'")
+    assert new.data.tags["medgcsam.model_run_id"] == run.info.run_id
+    assert new.data.tags["medgcsam.model_version"] == "1" and "test/accuracy" in new.data.metrics
+
+    res = CliRunner().invoke(app, ["evaluate", "--model", "models:/evaltest-model/1", "--pipeline", str(pipeline),
+                                   "--output", str(tmp_path / "ev2"), "--split", "test",
+                                   "--set", "evaluation.bootstrap=0", "--into-training-run"])
+    assert res.exit_code == 0, res.output
+    assert "test/accuracy" in client.get_run(run.info.run_id).data.metrics  # asked for: the old behaviour

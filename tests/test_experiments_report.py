@@ -39,7 +39,7 @@ def predictions(method: str, seed: int) -> pd.DataFrame:
     correct = rng.random(LABELS.size) < ACC[method][seed]
     pred = np.where(correct, LABELS, np.where(LABELS == "benign", "malignant", "benign"))
     return pd.DataFrame({"row": range(LABELS.size), "path": [f"img{i:02d}.png" for i in range(LABELS.size)],
-                         "label": LABELS, "predicted": pred})
+                         "label": LABELS, "argmax_label": pred})
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_report_written_and_logged(recorded):
     assert "cells finished: 8 of 9 planned" in text
     s = summarize(ACC["sam"])
     assert f"{s.mean:.4g} ± {s.sd:.2g} [{s.low:.4g}, {s.high:.4g}]" in text
-    b, c, p = mcnemar_exact(*(predictions(m, 0).pipe(lambda t: (t.label == t.predicted).to_numpy())
+    b, c, p = mcnemar_exact(*(predictions(m, 0).pipe(lambda t: (t.label == t.argmax_label).to_numpy())
                               for m in ("sam", "adam")))
     assert f"s0: {b}/{c} p={p:.3g}" in text
     assert "Not logged by any cell (left out): test balanced accuracy, test ECE, top Hessian eigenvalue" in text

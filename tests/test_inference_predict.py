@@ -103,15 +103,19 @@ def test_mixed_folder_predicts_good_files_and_lists_bad_ones(tmp_path, checkpoin
     for r in rows:
         probs = np.array([float(r[f"prob_{c}"]) for c in spec.class_names])
         assert abs(probs.sum() - 1.0) < 1e-4
-        assert r["label"] == spec.class_names[int(probs.argmax())]
+        assert r["argmax_label"] == spec.class_names[int(probs.argmax())]
         assert float(r["threshold_malignant"]) == pytest.approx(0.4)
-        assert r["decision_malignant"] == ("positive" if float(r["prob_malignant"]) >= 0.4 else "negative")
+        # one answer: the operating point's (malignant at p >= 0.4, else the likelier of the other classes)
+        others = {c: p for c, p in zip(spec.class_names, probs, strict=True) if c != "malignant"}
+        expected = "malignant" if float(r["prob_malignant"]) >= 0.4 else max(others, key=others.get)
+        assert r["decision"] == expected
 
     errors = {r["path"]: r["reason"] for r in read_rows(errors_path(out))}
     assert set(errors) == set(BAD)
     for rel, words in BAD.items():
         assert words in errors[rel], (rel, errors[rel])
     assert str(data) not in errors_path(out).read_text()  # only paths relative to the input folder
+    assert "exclude_reason" not in errors_path(out).read_text()  # predict takes no manifest to set it in
     assert not partial_path(out).exists()
     assert sorted(p.name for p in out.parent.iterdir()) == ["predictions.csv", "predictions.errors.csv",
                                                             "predictions.model.json"]
@@ -161,7 +165,7 @@ def test_resume_after_interrupted_run_predicts_only_the_rest(tmp_path, checkpoin
     resumed_rows, fresh_rows = read_rows(out), read_rows(tmp_path / "fresh.csv")
     # the same rows in the same order; probabilities may differ in the last printed digit, because
     # convolution kernels round differently at another batch size (2 vs 3 here)
-    assert [(r["path"], r["label"]) for r in resumed_rows] == [(r["path"], r["label"]) for r in fresh_rows]
+    assert [(r["path"], r["decision"]) for r in resumed_rows] == [(r["path"], r["decision"]) for r in fresh_rows]
     probs = [[float(v) for k, v in r.items() if k.startswith("prob_")] for r in (*resumed_rows, *fresh_rows)]
     np.testing.assert_allclose(probs[:10], probs[10:], atol=2e-6)
 

@@ -139,3 +139,24 @@ def test_compute_landscape_writes_arrays_and_plots(tmp_path):
         assert z["loss"].shape == (5, 5) and np.isfinite(z["loss"]).all()
         np.testing.assert_array_equal(z["alphas"], np.linspace(-1, 1, 5))
     assert all((tmp_path / n).stat().st_size > 5000 for n in names if n.endswith(".png"))
+
+
+def test_contour_labels_sit_inside_the_frame_and_levels_resolve_the_basin(tmp_path):
+    from matplotlib.image import imread
+
+    from medgcsam.sharpness.landscape import Landscape
+    from medgcsam.sharpness.plots import contour_levels, label_spots, plot_landscape
+
+    grid = np.linspace(-1, 1, 21)
+    a, b = np.meshgrid(grid, grid, indexing="ij")
+    loss = 0.2 + 3 * a**2 + 0.8 * b**2 + 0.02 * np.exp(4 * (a + b))  # a steep corner, as real surfaces have
+    levels = contour_levels(loss)
+    assert levels[0] == loss.min() and levels[-1] == pytest.approx(loss.max()) and (np.diff(levels) > 0).all()
+    assert (levels < loss.min() + 0.1 * (loss.max() - loss.min())).sum() > len(levels) / 2  # most in the basin
+    ls = Landscape(grid, grid, loss, np.ones_like(loss), 0, "filter")
+    spots = label_spots(ls, levels[1::2])
+    assert len(spots) >= 3
+    assert all(0 < x == y <= 0.85 for _, (x, y) in spots)  # on the diagonal ray, away from the edges
+    assert [lv for lv, _ in spots] == sorted(lv for lv, _ in spots)
+    path = plot_landscape(ls, tmp_path)[0]
+    assert imread(path).shape[1] > imread(path).shape[0]  # the colour bar widens the square plot

@@ -140,14 +140,27 @@ def _other_files_note(other: list[str]) -> list[str]:
 
 @register_builder("folder")
 def build_folder(root: Path, *, source: str | None = None) -> BuildResult:
-    """Generic layout: one sub-folder per class, images anywhere below it."""
+    """Generic layout: one sub-folder per class, images anywhere below it.
+
+    Images lying directly in ``root`` are refused, not skipped: their label is unknown, and a flat folder
+    with one sub-folder (``images/``) would otherwise become a one-class manifest named after it."""
+    loose = [rel for rel in find_images(root)[0] if "/" not in rel]
+    if loose:
+        raise BuildError(f"{root}: {len(loose)} image(s) lie directly in the folder (e.g. {loose[:3]}), where "
+                         f"their class is unknown; --format folder expects one sub-folder per class, "
+                         f"{root}/<class>/<image> (e.g. {root}/benign/1.png). Move each image into its class's "
+                         f"folder; for unlabelled images use `medgcsam predict` on the folder instead")
     records, _, other = _walk_class_folders(root)
     if not records:
         raise BuildError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in class sub-folders; expected "
-                         f"ROOT/<class>/<image>")
+                         f"{root}/<class>/<image>")
     df = _rows(records)
     df["source"] = source or root.name
-    return BuildResult(df, [f"{len(df)} images in {df['label'].nunique()} class folders", *_other_files_note(other)])
+    notes = [f"{len(df)} images in {df['label'].nunique()} class folders", *_other_files_note(other)]
+    if df["label"].nunique() == 1:
+        notes.append(f"warning: every image is labelled {df['label'].iloc[0]!r} (the only sub-folder of {root}); "
+                     f"if that folder is not a class, lay the images out as {root}/<class>/<image>")
+    return BuildResult(df, notes)
 
 
 BUSI_CLASSES = ("benign", "malignant", "normal")

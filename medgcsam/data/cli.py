@@ -15,7 +15,8 @@ from medgcsam.data.split import split_manifest, split_summary
 from medgcsam.data.tasks import apply_task
 from medgcsam.data.validate import validate_manifest
 
-manifest_app = typer.Typer(no_args_is_help=True, help="Build, merge, split and validate image manifests.")
+manifest_app = typer.Typer(no_args_is_help=True, help="Build, merge, split and validate image manifests.",
+                           rich_markup_mode=None, context_settings={"max_content_width": 120})
 
 
 def _fail(exc: Exception) -> None:

@@ -46,7 +46,7 @@ from torch.utils.data import (
 
 from medgcsam.config import DataConfig
 from medgcsam.data.io import ImageReadError, failure_reason
-from medgcsam.data.manifest import included, manifest_sha256, read_manifest, resolve_root
+from medgcsam.data.manifest import included, manifest_sha256, read_manifest, resolve_root, root_mismatch
 from medgcsam.data.tasks import apply_task, case_variants, get_task
 from medgcsam.data.transforms import (
     InputSpecLike,
@@ -379,6 +379,8 @@ def build_datasets(cfg: DataConfig, spec: InputSpecLike) -> DataBundle:
     df = read_manifest(cfg.manifest)
     df["manifest_line"] = df.index + 2  # kept through the split, so errors about a row name its line
     root = resolve_root(cfg.manifest, cfg.root)
+    if (mismatch := root_mismatch(df, cfg.manifest, cfg.root)) is not None:
+        raise ValueError(mismatch)
     if cfg.task:
         df = apply_task(df, cfg.task)
     df = included(df)

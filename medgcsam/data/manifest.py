@@ -181,6 +181,23 @@ def resolve_root(manifest_path: str | Path, root: str | Path | None) -> Path:
     return Path(root) if root is not None else Path(manifest_path).resolve().parent
 
 
+def root_mismatch(df: pd.DataFrame, manifest_path: str | Path, root: str | Path | None,
+                  sample: int = 20) -> str | None:
+    """Why every file is missing, when the reason is ``root``: the paths exist relative to the manifest's own
+    folder (what `manifest build` writes by default) but not under the ``root`` given. None when ``root`` is
+    unset or any sampled file exists under it. One clear message instead of one "missing" per row."""
+    if root is None:
+        return None
+    paths = df.loc[df["exclude_reason"] == "", "path"].head(sample).tolist()
+    given, own = Path(root), Path(manifest_path).resolve().parent
+    if not paths or any((given / p).is_file() for p in paths) or not all((own / p).is_file() for p in paths):
+        return None
+    return (f"{manifest_path}: its paths are relative to the manifest's own folder {own} (as `manifest build` "
+            f"writes them), not to the root {given} given (e.g. {paths[0]!r} is missing as {given / paths[0]}); "
+            f"leave the root unset (--root, data.root), or rebuild with --relative-to-root to make the paths "
+            f"relative to the image folder")
+
+
 def included(df: pd.DataFrame) -> pd.DataFrame:
     """Rows without an exclusion reason."""
     return df[df["exclude_reason"] == ""]

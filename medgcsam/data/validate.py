@@ -15,7 +15,7 @@ import pandas as pd
 
 from medgcsam.data.duplicates import DEFAULT_PHASH_DISTANCE, compute_phashes, near_duplicate_pairs
 from medgcsam.data.io import ImageReadError, read_image
-from medgcsam.data.manifest import ManifestError, file_sha256, read_manifest, resolve_root
+from medgcsam.data.manifest import ManifestError, file_sha256, read_manifest, resolve_root, root_mismatch
 from medgcsam.data.tasks import case_variants, get_task, list_tasks
 
 
@@ -98,6 +98,9 @@ def validate_manifest(path: str | Path, *, root: str | Path | None = None, task:
         return report
     report.n_rows = len(df)
     base = resolve_root(path, root)
+    if (mismatch := root_mismatch(df, path, root)) is not None:
+        report.add("error", "wrong-root", mismatch)
+        return report
     active = (df["exclude_reason"] == "").to_numpy()
     if (~active).any():
         reasons = df.loc[~active, "exclude_reason"].value_counts().to_dict()

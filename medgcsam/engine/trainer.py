@@ -39,6 +39,7 @@ from medgcsam.engine import checkpoint as ckpt_io
 from medgcsam.engine.distributed import DistContext, broadcast, gather, init_distributed, shutdown
 from medgcsam.engine.graphed import EagerStep, make_step
 from medgcsam.engine.metrics import EPOCH_PREFIX, MONITOR_KEYS, TrainMeter, classification_metrics, is_improvement
+from medgcsam.engine.ood import fit_and_store_ood, stored_ood
 from medgcsam.engine.schedule import build_scheduler
 from medgcsam.engine.step import autocast_factory
 from medgcsam.files import replace_atomically
@@ -559,6 +560,9 @@ class _Training:
             spec = self._stage("evaluation", "the end-of-training evaluation", self._evaluate)
             if spec is not None:  # the frozen operating point travels with the model
                 self.spec = ModelSpec.model_validate(spec)
+            self._stage("ood", "fitting the OOD statistics", lambda: fit_and_store_ood(  # issue 20: OOD flags
+                self.raw, self.bundle, self.device, self.cfg.data.eval_batch_size or self.cfg.data.batch_size,
+                self.dir, self.ckpt_dir / ckpt_io.BEST))
         if cfg.sharpness.enabled:
             self._stage("sharpness", "the end-of-training sharpness", self._sharpness)
         if not cfg.tracking.log_model:
@@ -601,7 +605,7 @@ class _Training:
         if cfg.tracking.register_as and (done := registered_by_run(cfg.tracking.register_as, self.run_id, alias)):
             return done  # registered before a kill stopped this stage being recorded: no second version
         info = log_classifier(self.raw, self.spec, name="model", registered_model_name=cfg.tracking.register_as,
-                              alias=alias)
+                              alias=alias, ood=stored_ood(self.dir))
         version = info.registered_model_version
         return {"model_uri": info.model_uri, "version": str(version) if version is not None else None}
 

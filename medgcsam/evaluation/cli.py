@@ -1,10 +1,17 @@
-"""`medgcsam evaluate`: clinical evaluation of a registered, logged or checkpointed model.
+"""`medgcsam evaluate` and `medgcsam validate-external`: clinical evaluation of a registered, logged or
+checkpointed model.
 
-Results are logged to the run that produced the model when MLflow knows it (``runs:/``,
-``models:/name@alias``, ``models:/name/N``, ``models:/m-<id>``), else to a new run. The frozen
-threshold is stored with the model: a checkpoint's model card is rewritten in place; an MLflow
-model is logged again with the updated card (a new registered version when it came from the
-registry, with the alias moved to it).
+`evaluate` scores the pipeline's own splits and logs to a new run, in the experiment of the run that produced
+the model when MLflow knows it (``runs:/``, ``models:/name@alias``, ``models:/name/N``, ``models:/m-<id>``) and
+linked to it by tags (:mod:`medgcsam.evaluation.runs`), so the training run keeps its figures; with
+``--into-training-run`` it writes into that run instead. `sharpness` and `landscape` (``model_run``) still log
+to the training run: a later `sharpness` replaces its ``sharpness/`` files. Only with
+``--store-threshold`` does it write the operating point it chose back into the model: a checkpoint's model
+card is rewritten in place; an MLflow model is logged again with the updated card (a new registered version
+when it came from the registry, with the alias moved to it).
+
+`validate-external` scores a frozen model on any labelled manifest (another site's images) and logs to a
+new run tagged with the model's name, version and run, never to the training run.
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ from pathlib import Path
 
 import mlflow
 import typer
-from mlflow.tracking import MlflowClient
 from torch import nn
 
 from medgcsam.config import ConfigError, PipelineConfig, load_config
@@ -24,7 +30,9 @@ from medgcsam.data.datasets import DataBundle, build_datasets
 from medgcsam.engine.checkpoint import load_checkpoint, save_checkpoint
 from medgcsam.engine.distributed import resolve_device
 from medgcsam.evaluation.evaluate import evaluate, log_evaluation
-from medgcsam.inference.package import MODEL_REFERENCE_HELP, ModelLoadError, load_classifier, log_classifier
+from medgcsam.evaluation.runs import Origin, linked_run, model_origin, training_experiment
+from medgcsam.inference.package import MODEL_REFERENCE_HELP, ModelLoadError, load_classifier_with_ood, log_classifier
+from medgcsam.models.ood import OODStats
 from medgcsam.models.spec import ModelSpec
 from medgcsam.tracking import TrackingError, activate, ensure_experiment, ensure_reachable, resolve_tracking_uri
 
@@ -42,23 +50,8 @@ class LoadedModel:
     run_id: str | None
     registered: tuple[str, str | None] | None  # (registered name, alias or None)
     device: str
-
-
-def _registry_origin(ref: str) -> tuple[str | None, tuple[str, str | None] | None]:
-    """The source run of a model URI and, for registry URIs, (name, alias)."""
-    client = MlflowClient()
-    if ref.startswith("runs:/"):
-        return ref.removeprefix("runs:/").split("/", 1)[0], None
-    if not ref.startswith("models:/"):
-        return None, None
-    body = ref.removeprefix("models:/")
-    if body.startswith("m-"):
-        return mlflow.get_logged_model(body.split("/", 1)[0]).source_run_id, None
-    if "@" in body:
-        name, alias = body.split("@", 1)
-        return client.get_model_version_by_alias(name, alias).run_id, (name, alias)
-    name, version = body.rsplit("/", 1)
-    return client.get_model_version(name, version).run_id, (name, None)
+    ood: OODStats | None = None
+    origin: Origin = Origin()
 
 
 def load_for_cli(model_ref: str, pipeline: Path, overrides: list[str], tracking_uri: str | None) -> LoadedModel:
@@ -69,12 +62,13 @@ def load_for_cli(model_ref: str, pipeline: Path, overrides: list[str], tracking_
         ensure_reachable(uri, cfg.tracking.connect_timeout_s)
         activate(uri)
         device = str(resolve_device(cfg.train.device))
-        model, spec = load_classifier(model_ref, device=device)
-        run_id, registered = _registry_origin(model_ref)
+        model, spec, ood = load_classifier_with_ood(model_ref, device=device)
+        origin = model_origin(model_ref)
+        registered = (origin.name, origin.alias) if origin.name else None
     except (ConfigError, TrackingError, ModelLoadError, RuntimeError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
-    return LoadedModel(model_ref, model, spec, cfg, run_id, registered, device)
+    return LoadedModel(model_ref, model, spec, cfg, origin.run_id, registered, device, ood, origin)
 
 
 @contextlib.contextmanager
@@ -88,6 +82,13 @@ def model_run(loaded: LoadedModel, run_name: str) -> Iterator[str]:
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
                           tags={"medgcsam.model_ref": loaded.ref}) as run:
         yield run.info.run_id
+
+
+def evaluation_run(loaded: LoadedModel, manifest_sha: str) -> contextlib.AbstractContextManager[str]:
+    """A new run beside the model's training run (its experiment, else the pipeline's), linked by tags."""
+    experiment_id = training_experiment(loaded.origin) or ensure_experiment(loaded.cfg, mlflow.get_tracking_uri())
+    return linked_run(loaded.ref, loaded.origin, experiment_id, "evaluate", "evaluation",
+                      {"medgcsam.evaluated_manifest_sha256": manifest_sha})
 
 
 def bundle_for(loaded: LoadedModel) -> DataBundle:
@@ -113,7 +114,7 @@ def _store_threshold(loaded: LoadedModel, spec: ModelSpec) -> str:
         save_checkpoint(path, ckpt)
         return str(path)
     name, alias = loaded.registered if loaded.registered else (None, None)
-    info = log_classifier(loaded.model, spec, registered_model_name=name, alias=alias)
+    info = log_classifier(loaded.model, spec, registered_model_name=name, alias=alias, ood=loaded.ood)
     return info.model_uri + (f" (registered {name} v{info.registered_model_version})" if name else "")
 
 
@@ -126,10 +127,19 @@ def evaluate_command(
                                        "(default: <output_dir>/evaluation)"),
     overrides: list[str] = typer.Option(None, "--set", help="Override a config field, e.g. evaluation.bootstrap=2000"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri"),
-    store_threshold: bool = typer.Option(True, "--store-threshold/--no-store-threshold",
-                                         help="Write the chosen threshold into the model card"),
+    store_threshold: bool = typer.Option(False, "--store-threshold",
+                                         help="Also write the chosen threshold and temperature into the model: "
+                                         "rewrites a checkpoint's card, or logs a NEW registered version and "
+                                         "moves the alias to it. Off by default: nothing else changes."),
+    into_training_run: bool = typer.Option(False, "--into-training-run",
+                                           help="Log into the model's training run, replacing its evaluation "
+                                           "metrics and evaluation/ artifacts (default: a NEW run linked to it "
+                                           "by tags)"),
 ) -> None:
-    """Per-class sensitivity/specificity/PPV/NPV with 95% CIs, AUROC, calibration, frozen operating point."""
+    """Per-class sensitivity/specificity/PPV/NPV with 95% CIs, AUROC, calibration, frozen operating point.
+
+    Scores the pipeline's own splits; for another site's images use `validate-external`. Logs to a new
+    MLflow run tagged with the model (the training run keeps its figures) unless --into-training-run."""
     loaded = load_for_cli(model, pipeline, overrides or [], tracking_uri)
     cfg_eval = loaded.cfg.evaluation
     if split:
@@ -139,11 +149,15 @@ def evaluate_command(
     try:
         result = evaluate(loaded.model, bundle, loaded.spec, cfg_eval, loaded.device, out_dir,
                           batch_size=loaded.cfg.data.eval_batch_size or loaded.cfg.data.batch_size,
-                          seed=loaded.cfg.train.seed)
+                          seed=loaded.cfg.train.seed, manifest=loaded.cfg.data.manifest)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
-    with model_run(loaded, "evaluate") as run_id:
+    if into_training_run and loaded.run_id is None:
+        typer.echo(f"note: MLflow knows no training run of {model}; logging to a new run", err=True)
+    into = into_training_run and loaded.run_id is not None
+    sha = result.figures["evaluated_manifest"]["sha256"]
+    with model_run(loaded, "evaluate") if into else evaluation_run(loaded, sha) as run_id:
         log_evaluation(result)
         where = _store_threshold(loaded, result.spec) if store_threshold and result.threshold else None
     for name, fig in result.figures["splits"].items():
@@ -153,4 +167,5 @@ def evaluate_command(
     if result.threshold is not None:
         typer.echo(f"operating point: p({result.threshold.positive_class}) >= {result.threshold.value:.4f} "
                    f"({result.threshold.rule})" + (f"; stored in {where}" if where else ""))
-    typer.echo(f"report: {out_dir / 'report.md'}; MLflow run {run_id}")
+    typer.echo(f"report: {out_dir / 'report.md'}; MLflow run {run_id}"
+               + (" (the training run)" if into else " (new; the training run is unchanged)"))

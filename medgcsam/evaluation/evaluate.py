@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medgcsam.config import EvaluationConfig
+from medgcsam.data.manifest import manifest_sha256
 from medgcsam.evaluation import plots
 from medgcsam.evaluation.calibration import fit_temperature, softmax
 from medgcsam.evaluation.metrics import (
@@ -36,7 +37,7 @@ from medgcsam.evaluation.metrics import (
 from medgcsam.evaluation.operating_point import choose_threshold
 from medgcsam.evaluation.predict import predict_split
 from medgcsam.evaluation.report import write_report
-from medgcsam.models.spec import ModelSpec, Threshold
+from medgcsam.models.spec import ModelSpec, Threshold, decide
 
 _METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. /]")  # characters MLflow accepts in metric keys
 
@@ -87,7 +88,7 @@ def _groups(frame: pd.DataFrame | None) -> np.ndarray | None:
     return np.where(missing, [f"__row{i}" for i in range(len(ids))], ids.to_numpy())
 
 
-def _check_finite(name: str, logits: np.ndarray, frame: pd.DataFrame | None) -> None:
+def check_finite(name: str, logits: np.ndarray, frame: pd.DataFrame | None) -> None:
     """NaN or infinite outputs would be scored as class 0 and only fail later in a plot: name the images now."""
     bad = np.flatnonzero(~np.isfinite(logits).all(axis=1))
     if len(bad):
@@ -98,7 +99,7 @@ def _check_finite(name: str, logits: np.ndarray, frame: pd.DataFrame | None) -> 
                          f"so check the checkpoint and these files before evaluating")
 
 
-def _score_split(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.DataFrame | None, spec: ModelSpec,
+def score_split(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.DataFrame | None, spec: ModelSpec,
                  cfg: EvaluationConfig, temperature: float, op: tuple[int, float] | None, seed: int) -> dict[str, Any]:
     classes = spec.class_names
     probs = softmax(logits)
@@ -119,7 +120,8 @@ def _score_split(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.DataFra
         "headline": point,
         "ci95": {k: {"low": v.low, "high": v.high, "n_valid": v.n_valid} for k, v in ci.items()},
         "per_class": per_class(cm, classes),
-        "confusion": {"counts": cm.tolist(), "row_normalised": row_normalise(cm).tolist()},
+        "confusion": _confusion_entry(cm),
+        "confusion_decision": _confusion_entry(confusion(y, decide(probs, op), len(classes))) if op else None,
         "calibration": {"temperature": temperature, "ece": point["ece"], "ece_calibrated": after["ece"],
                         "brier_calibrated": after["brier"], "nll_calibrated": after["nll"]},
     }
@@ -138,7 +140,11 @@ def _score_split(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.DataFra
     return out
 
 
-def _write_split_files(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.DataFrame | None,
+def _confusion_entry(cm: np.ndarray) -> dict[str, list]:
+    return {"counts": cm.tolist(), "row_normalised": row_normalise(cm).tolist()}
+
+
+def write_split_files(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.DataFrame | None,
                        spec: ModelSpec, temperature: float, op: tuple[int, float] | None, fig: dict[str, Any],
                        out_dir: Path, n_bins: int) -> list[Path]:
     classes = spec.class_names
@@ -149,11 +155,11 @@ def _write_split_files(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.D
             if col in frame.columns:
                 table[col] = frame[col].to_numpy()
     table["label"] = [classes[i] for i in y]
-    table["predicted"] = [classes[i] for i in probs.argmax(axis=1)]
+    # one answer per image: `decision` follows the operating point (the argmax without one); argmax is auxiliary
+    table["decision"] = [classes[i] for i in decide(probs, op)]
+    table["argmax_label"] = [classes[i] for i in probs.argmax(axis=1)]
     for k, c in enumerate(classes):
         table[f"p_{c}"] = probs[:, k]
-    if op is not None:
-        table[f"positive_at_threshold_{classes[op[0]]}"] = probs[:, op[0]] >= op[1]
     files = [out_dir / f"predictions_{name}.csv"]
     table.to_csv(files[0], index=False)
     op_mark = None
@@ -161,13 +167,16 @@ def _write_split_files(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.D
         o = fig["operating_point"]
         op_mark = (op[0], o["sensitivity"], o["specificity"])
     figures = {
-        "confusion": plots.confusion_figure(np.asarray(fig["confusion"]["counts"]), classes, name),
+        "confusion": plots.confusion_figure(np.asarray(fig["confusion"]["counts"]), classes, f"{name}, argmax"),
         "roc": plots.roc_figure(probs, y, classes, f"ROC ({name})", op_mark),
         "pr": plots.pr_figure(probs, y, classes, f"Precision-recall ({name})"),
         "reliability": plots.reliability_figure(
             {"raw": (probs, y), f"T={temperature:.2f}": (softmax(logits, temperature), y)}, n_bins,
             f"Reliability ({name})"),
     }
+    if fig.get("confusion_decision"):
+        figures["confusion_decision"] = plots.confusion_figure(np.asarray(fig["confusion_decision"]["counts"]),
+                                                               classes, f"{name}, operating point")
     for kind, figure in figures.items():
         files.append(out_dir / f"{kind}_{name}.png")
         figure.savefig(files[-1], dpi=110)
@@ -176,8 +185,12 @@ def _write_split_files(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.D
 
 
 def evaluate(model: nn.Module, bundle: Any, spec: ModelSpec, cfg: EvaluationConfig, device: torch.device | str,
-             out_dir: str | Path, *, batch_size: int = 32, seed: int = 0) -> EvaluationResult:
+             out_dir: str | Path, *, batch_size: int = 32, seed: int = 0,
+             manifest: str | Path | None = None) -> EvaluationResult:
     """Evaluate ``model`` on ``cfg.splits`` of ``bundle`` (``.val``/``.test`` datasets, ``.frames``).
+
+    ``manifest`` (the file the bundle was read from) is named with its sha256 in the report: it need not
+    be the manifest the model was trained on.
 
     The validation split is always predicted: it fits the temperature and the operating point,
     which are then frozen for every split reported.
@@ -193,12 +206,12 @@ def evaluate(model: nn.Module, bundle: Any, spec: ModelSpec, cfg: EvaluationConf
             raise ValueError(f"split {name!r} is missing or empty in the data bundle; evaluation needs a validation "
                              f"split (data.val_fold) and every split in evaluation.splits ({cfg.splits})")
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-        preds[name] = predict_split(model, loader, device)
+        preds[name] = predict_split(model, loader, device, desc=f"predict {name}")
         frame = frames.get(name)
         if frame is not None and len(frame) != len(preds[name][1]):
             raise ValueError(f"split {name!r}: {len(frame)} manifest rows but {len(preds[name][1])} predictions; "
                              f"bundle.frames must list the dataset's images in order")
-        _check_finite(name, preds[name][0], frame)
+        check_finite(name, preds[name][0], frame)
     val_logits, val_y = preds["val"]
     temperature = fit_temperature(val_logits, val_y)
     pos = _positive_index(spec, cfg)
@@ -216,22 +229,24 @@ def evaluate(model: nn.Module, bundle: Any, spec: ModelSpec, cfg: EvaluationConf
         "no operating point: multiclass model and evaluation.positive_class unset (decisions are argmax)",
         "splits": {},
     }
+    if manifest is not None:
+        figures["evaluated_manifest"] = {"path": str(manifest), "sha256": manifest_sha256(manifest)}
     files: list[Path] = []
     for name in names:
         logits, y = preds[name]
         frame = frames.get(name)
-        fig = _score_split(name, logits, y, frame, spec, cfg, temperature, op, seed)
+        fig = score_split(name, logits, y, frame, spec, cfg, temperature, op, seed)
         figures["splits"][name] = fig
-        files += _write_split_files(name, logits, y, frame, spec, temperature, op, fig, out_dir, cfg.ece_bins)
-    new_spec = spec.model_copy(update={"threshold": threshold}) if threshold is not None else spec
+        files += write_split_files(name, logits, y, frame, spec, temperature, op, fig, out_dir, cfg.ece_bins)
+    new_spec = spec.model_copy(update={"threshold": threshold or spec.threshold, "temperature": temperature})
     json_path = out_dir / "evaluation.json"
-    json_path.write_text(json.dumps(figures, indent=2, default=_jsonable, allow_nan=True), encoding="utf-8")
+    json_path.write_text(json.dumps(figures, indent=2, default=jsonable, allow_nan=True), encoding="utf-8")
     (out_dir / "spec.json").write_text(new_spec.model_dump_json(indent=2), encoding="utf-8")
     files += [json_path, out_dir / "spec.json", write_report(figures, out_dir / "report.md")]
     return EvaluationResult(figures, new_spec, temperature, threshold, out_dir, files)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from medgcsam.progress import progress
+
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, y, ...)`` tuples or ``{"image": x, "label": y}`` dicts -> ``(x, y)``."""
@@ -22,14 +24,15 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def predict_split(model: nn.Module, loader: Iterable,
-                  device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N, K) and integer labels (N,) in loader order; the model's mode is restored afterwards."""
+def predict_split(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu",
+                  desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (N, K) and integer labels (N,) in loader order; the model's mode is restored afterwards.
+    With ``desc``, progress goes to stderr (a whole split on a CPU takes minutes)."""
     was_training = model.training
     model.eval()
     logits, labels = [], []
     try:
-        for batch in loader:
+        for batch in progress(loader, desc=desc, unit="batch") if desc else loader:
             x, y = split_batch(batch)
             logits.append(model(x.to(device)).float())
             labels.append(y.reshape(-1))

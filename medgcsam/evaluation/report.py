@@ -31,6 +31,14 @@ def _macro_note(fig: dict[str, Any], classes: list[str]) -> list[str]:
             "those are skipped for them (their n_valid)."]
 
 
+def _confusion_table(what: str, entry: dict[str, Any], classes: list[str]) -> list[str]:
+    lines = ["", f"### Confusion matrix, {what} (rows = truth)", "", "| | " + " | ".join(classes) + " |",
+             "|---" * (len(classes) + 1) + "|"]
+    for c, counts, norm in zip(classes, entry["counts"], entry["row_normalised"], strict=True):
+        lines.append(f"| {c} | " + " | ".join(f"{n} ({_num(r, 2)})" for n, r in zip(counts, norm, strict=True)) + " |")
+    return lines
+
+
 def _split_section(name: str, fig: dict[str, Any], classes: list[str], threshold: dict[str, Any] | None) -> list[str]:
     boot = fig["bootstrap"]
     lines = [f"## Split `{name}`", "",
@@ -59,10 +67,10 @@ def _split_section(name: str, fig: dict[str, Any], classes: list[str], threshold
                   f"| {op['tp']} | {op['fn']} | {op['fp']} | {op['tn']} | "
                   + " | ".join(_with_ci(fig, f"op/{k}") for k in ("sensitivity", "specificity", "ppv", "npv", "f1"))
                   + " |"]
-    lines += ["", "### Confusion matrix (rows = truth)", "", "| | " + " | ".join(classes) + " |",
-              "|---" * (len(classes) + 1) + "|"]
-    for c, counts, norm in zip(classes, fig["confusion"]["counts"], fig["confusion"]["row_normalised"], strict=True):
-        lines.append(f"| {c} | " + " | ".join(f"{n} ({_num(r, 2)})" for n, r in zip(counts, norm, strict=True)) + " |")
+    lines += _confusion_table("argmax decisions", fig["confusion"], classes)
+    if fig.get("confusion_decision"):
+        lines += _confusion_table("at the operating point: the `decision` column of the predictions",
+                                  fig["confusion_decision"], classes)
     if fig.get("by_source"):
         lines += ["", "### By data source", "", "| source | images | accuracy | balanced accuracy | AUROC macro"
                   + (" | op sensitivity (TP/P) | op specificity (TN/N) |" if threshold else " |"),
@@ -76,7 +84,9 @@ def _split_section(name: str, fig: dict[str, Any], classes: list[str], threshold
                 row += f" {_num(o['sensitivity'])} ({o['tp']}/{o['tp'] + o['fn']}) | " \
                        f"{_num(o['specificity'])} ({o['tn']}/{o['tn'] + o['fp']}) |"
             lines.append(row)
-    lines += ["", f"Figures: `confusion_{name}.png`, `roc_{name}.png`, `pr_{name}.png`, `reliability_{name}.png`; "
+    lines += ["", f"Figures: `confusion_{name}.png`"
+              + (f", `confusion_decision_{name}.png`" if fig.get("confusion_decision") else "")
+              + f", `roc_{name}.png`, `pr_{name}.png`, `reliability_{name}.png`; "
               f"per-image predictions: `predictions_{name}.csv`.", ""]
     return lines
 
@@ -103,17 +113,86 @@ def _no_patients_note(figures: dict[str, Any]) -> list[str]:
             "optimistic: judge them on a test split of separate patients.", ""]
 
 
+def _evaluated_manifest(entry: dict[str, str] | None) -> str:
+    """The manifest scored here, which a later `evaluate` may take from another pipeline than training's."""
+    return f" Evaluated manifest `{Path(entry['path']).name}`, sha256 `{entry['sha256']}`." if entry else ""
+
+
 def write_report(figures: dict[str, Any], path: Path) -> Path:
     """Render ``figures`` (the evaluation JSON) as Markdown at ``path``."""
     model, thr = figures["model"], figures["threshold"]
     lines = ["# Evaluation report", "",
-             f"Model `{model['backbone']}`, classes {', '.join(model['classes'])}; manifest sha256 "
-             f"`{model['manifest_sha256'] or 'n/a'}`, config sha256 `{model['config_sha256'] or 'n/a'}`.", "",
+             f"Model `{model['backbone']}`, classes {', '.join(model['classes'])}; trained on manifest sha256 "
+             f"`{model['manifest_sha256'] or 'n/a'}`, config sha256 `{model['config_sha256'] or 'n/a'}`."
+             + _evaluated_manifest(figures.get("evaluated_manifest")), "",
              f"Temperature (fitted on validation): {figures['temperature']:.4f}." + _bound_note(figures['temperature']),
              (f"Operating point: p({thr['positive_class']}) >= {thr['value']:.4f}, rule {thr['rule']}, chosen on "
               "validation and frozen." if thr else f"Operating point: {figures['threshold_note']}."), ""]
     lines += _no_patients_note(figures)
     for name, fig in figures["splits"].items():
         lines += _split_section(name, fig, model["classes"], thr)
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _ci_text(value: float, ci: dict[str, Any] | None) -> str:
+    text = _num(value)
+    if ci and ci.get("n_valid", 1) and ci.get("low") is not None and not math.isnan(ci["low"]):
+        text += f" ({_num(ci['low'])} to {_num(ci['high'])})"
+    return text
+
+
+def write_external_report(figures: dict[str, Any], path: Path) -> Path:
+    """Render an external validation (``validate_external``'s JSON) as Markdown at ``path``."""
+    model, thr, ext = figures["model"], figures["threshold"], figures["external_manifest"]
+    lines = ["# External validation report", "",
+             f"Model `{model['backbone']}`, classes {', '.join(model['classes'])}; trained on manifest sha256 "
+             f"`{model['manifest_sha256'] or 'n/a'}`.", "",
+             f"Evaluated manifest `{Path(ext['path']).name}`, sha256 `{ext['sha256']}`, {ext['rows']} included rows "
+             "(split and fold columns ignored: every included row is external).", "",
+             f"Frozen temperature {figures['temperature']:.4f} (from {figures['temperature_source']}). "
+             + (f"Frozen operating point: p({thr['positive_class']}) >= {thr['value']:.4f} ({thr['rule']}, chosen "
+                "on the training site's validation split). Nothing was fitted on these images."
+                if thr else "No operating point stored with the model: decisions are the argmax."), ""]
+    internal_thr = figures.get("internal_threshold")
+    if thr and internal_thr and abs(internal_thr["value"] - thr["value"]) > 1e-9:
+        lines += [f"Warning: the model's own evaluation used threshold {internal_thr['value']:.4f}, the model card "
+                  f"{thr['value']:.4f}; the internal column was measured at the former.", ""]
+    rows = figures["comparison"]
+    if rows:
+        lines += ["## Internal test vs external", "",
+                  "Value (95% CI). Difference = external - internal, its 95% CI combining both intervals "
+                  "(MOVER, the two sets are independent).", "",
+                  "| figure | internal test | external | difference (95% CI) |", "|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['figure']} | {_ci_text(r['internal'], r['internal_ci'])} | "
+                         f"{_ci_text(r['external'], r['external_ci'])} | "
+                         f"{_ci_text(r['difference'], {'low': r['low'], 'high': r['high']})} |")
+        lines.append("")
+    else:
+        lines += ["No internal test figures were found for this model (its own evaluation), so there is no "
+                  "side-by-side table.", ""]
+    if (ood := figures.get("ood")) is not None:
+        lines += ["## Out-of-distribution flags", "",
+                  f"{ood['flagged']} of {ext['rows']} images ({100 * ood['flag_rate']:.1f}%) are flagged as unlike "
+                  f"the training data (Mahalanobis distance > {ood['threshold']:.3f}, the threshold that flags "
+                  f"{100 * ood['false_alarm_target']:.0f}% of the training site's validation images); median "
+                  f"distance {ood['median_score']:.3f}. A flag rate far above "
+                  f"{100 * ood['false_alarm_target']:.0f}% means these images differ from the training data, "
+                  "and the figures above may not carry over image by image.", ""]
+    for name, fig in figures["splits"].items():
+        lines += _split_section(name, fig, model["classes"], thr)
+    if (refit := figures.get("refit")) is not None:
+        lines += ["## Re-fitted on the external images (optimistic)", "",
+                  "Temperature and operating point fitted on these same images and scored on them: an upper bound "
+                  "on what a local re-calibration could give, not an estimate of it.", "",
+                  f"Temperature {refit['temperature']:.4f}, ECE after it {_num(refit['ece'])}."]
+        if "operating_point" in refit:
+            o, t = refit["operating_point"], refit["threshold"]
+            lines += ["", f"Operating point p({t['positive_class']}) >= {t['value']:.4f} ({t['rule']}): "
+                      f"sensitivity {_num(o['sensitivity'])} ({o['tp']}/{o['tp'] + o['fn']}), specificity "
+                      f"{_num(o['specificity'])} ({o['tn']}/{o['tn'] + o['fp']}), PPV {_num(o['ppv'])}, "
+                      f"NPV {_num(o['npv'])}."]
+        lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

@@ -90,7 +90,7 @@ class ReportConfig(_Strict):
     confidence: float = Field(0.95, gt=0.0, lt=1.0)
     grad_norm_key: str = Field("train/grad_norm", description="Per-step gradient-norm metric of a cell")
     predictions_artifact: str | None = Field(
-        "evaluation/predictions_test.csv", description="Per-image test predictions (path|row, label, predicted)")
+        "evaluation/predictions_test.csv", description="Per-image test predictions (path|row, label, argmax_label)")
     landscape_points: int = Field(0, ge=0, description="1-D loss-landscape points per final cell (0: none)")
     landscape_artifact: str = "landscape/landscape_1d.npz"
 

@@ -176,12 +176,14 @@ def load_predictions(exp: Experiment, df: pd.DataFrame) -> dict[str, pd.Series]:
                 continue
             table = pd.read_csv(local)
             image = "path" if "path" in table.columns else "row"
-            missing = {image, "label", "predicted"} - set(table.columns)
+            # accuracy is the argmax's: `argmax_label`, named `predicted` by runs before the `decision` column
+            predicted = "argmax_label" if "argmax_label" in table.columns else "predicted"
+            missing = {image, "label", predicted} - set(table.columns)
             if missing:
                 raise ValueError(f"run {run_id} artifact {artifact}: columns {sorted(missing)} missing "
                                  f"(has {list(table.columns)}); set report.predictions_artifact to a per-image "
-                                 f"table with path (or row), label, predicted")
-            out[run_id] = pd.Series((table.label.astype(str) == table.predicted.astype(str)).to_numpy(),
+                                 f"table with path (or row), label, argmax_label")
+            out[run_id] = pd.Series((table.label.astype(str) == table[predicted].astype(str)).to_numpy(),
                                     index=table[image].astype(str).to_numpy())
     return out
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import typer
 
-from medgcsam.inference.package import MODEL_REFERENCE_HELP, ModelLoadError, load_classifier
+from medgcsam.inference.package import MODEL_REFERENCE_HELP, ModelLoadError, load_classifier_with_ood
 from medgcsam.inference.predict import EXIT_CRASHED, EXIT_USAGE, PredictionError, partial_path, predict
 
 
@@ -44,9 +44,9 @@ def predict_command(
     2: usage/model error; 3: crashed part-way (rerun with --resume)."""
     try:
         target = _resolve_device(device)
-        net, spec = load_classifier(model, device=target)
+        net, spec, ood = load_classifier_with_ood(model, device=target)
         summary = predict(net, spec, input_dir, output, batch_size=batch_size, num_workers=num_workers,
-                          device=target, amp=amp, resume=resume, progress=progress)
+                          device=target, amp=amp, resume=resume, progress=progress, ood=ood)
     except (ModelLoadError, PredictionError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from None

@@ -24,6 +24,7 @@ from torch import nn
 
 from medgcsam.files import pause_point
 from medgcsam.models.factory import create_model, load_state_dict_file
+from medgcsam.models.ood import OOD_FILE, OODStats, load_ood, save_ood
 from medgcsam.models.spec import ModelSpec
 from medgcsam.tracking.uri import http_unreachable
 
@@ -47,8 +48,10 @@ def log_classifier(
     name: str = "model",
     registered_model_name: str | None = None,
     alias: str | None = None,
+    ood: OODStats | None = None,
 ):
-    """Log ``model`` as an MLflow LoggedModel (pt2 + state dict + spec); register and alias it when asked.
+    """Log ``model`` as an MLflow LoggedModel (pt2 + state dict + spec, and ``ood`` statistics when given as
+    ``extra_files/ood.pt``); register and alias it when asked.
 
     The model is exported in eval mode on CPU with a batch-2 example so the batch dimension stays
     dynamic in the pt2 graph (a batch of 1 would be specialized to a constant). Call inside an
@@ -72,6 +75,9 @@ def log_classifier(
             state_path, spec_path = Path(tmp) / STATE_DICT_FILE, Path(tmp) / SPEC_FILE
             torch.save({k: v.detach().clone() for k, v in cpu_model.state_dict().items()}, state_path)
             spec_path.write_text(spec.model_dump_json(indent=2), encoding="utf-8")
+            extra = [str(state_path), str(spec_path)]
+            if ood is not None:
+                extra.append(str(save_ood(ood, Path(tmp) / OOD_FILE)))
             info = mlflow.pytorch.log_model(
                 cpu_model,
                 name=name,
@@ -79,7 +85,7 @@ def log_classifier(
                 input_example=example.numpy(),
                 signature=signature,
                 metadata={METADATA_KEY: spec.model_dump(mode="json")},
-                extra_files=[str(state_path), str(spec_path)],
+                extra_files=extra,
                 registered_model_name=registered_model_name,
             )
     finally:
@@ -112,6 +118,13 @@ def load_classifier(uri_or_path: str | Path, *, device: str | torch.device = "cp
     a local MLflow model folder (with ``MLmodel``), or a checkpoint ``.pt`` written by the engine
     (a dict with ``"model"``: state dict and ``"spec"``: ModelSpec dict). Returns ``(model.eval(), spec)``.
     """
+    model, spec, _ = load_classifier_with_ood(uri_or_path, device=device)
+    return model, spec
+
+
+def load_classifier_with_ood(uri_or_path: str | Path, *,
+                             device: str | torch.device = "cpu") -> tuple[nn.Module, ModelSpec, OODStats | None]:
+    """:func:`load_classifier` plus the OOD statistics stored with the model (None for a model without them)."""
     ref = str(uri_or_path)
     if ref.startswith(URI_SCHEMES):
         stores = set() if ref.startswith("file:/") else {mlflow.get_tracking_uri(), mlflow.get_registry_uri()}
@@ -127,16 +140,16 @@ def load_classifier(uri_or_path: str | Path, *, device: str | torch.device = "cp
             except Exception as exc:  # MLflow raises several types (MlflowException, OSError, KeyError)
                 raise ModelLoadError(f"cannot fetch {ref}/{EXTRA_FILES_DIR}: {exc}. Check the model name/alias, "
                                      f"MLFLOW_TRACKING_URI, and that it was logged with log_classifier") from exc
-            spec, state = _read_model_dir(Path(local), ref)
+            spec, state, ood = _read_model_dir(Path(local), ref)
     else:
         path = Path(ref)
         if path.is_dir():
-            spec, state = _read_model_dir(path / EXTRA_FILES_DIR, ref)
+            spec, state, ood = _read_model_dir(path / EXTRA_FILES_DIR, ref)
         elif path.is_file():
-            spec, state = _read_checkpoint(path)
+            spec, state, ood = _read_checkpoint(path)
         else:
             raise ModelLoadError(f"model {ref!r} is neither an existing file/folder nor a models:/ or runs:/ URI")
-    return build_classifier(spec, state, source=ref).to(device), spec
+    return build_classifier(spec, state, source=ref).to(device), spec, ood
 
 
 def build_classifier(spec: ModelSpec, state_dict: dict[str, torch.Tensor], *, source: str = "") -> nn.Module:
@@ -154,7 +167,7 @@ def build_classifier(spec: ModelSpec, state_dict: dict[str, torch.Tensor], *, so
     return model.eval()
 
 
-def _read_model_dir(extra_dir: Path, source: str) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+def _read_model_dir(extra_dir: Path, source: str) -> tuple[ModelSpec, dict[str, torch.Tensor], OODStats | None]:
     spec_path, state_path = extra_dir / SPEC_FILE, extra_dir / STATE_DICT_FILE
     for p in (spec_path, state_path):
         if not p.is_file():
@@ -165,10 +178,15 @@ def _read_model_dir(extra_dir: Path, source: str) -> tuple[ModelSpec, dict[str, 
     except Exception as exc:  # unpickling errors come in many types; all mean "not a safe state dict"
         raise ModelLoadError(f"{source}: {EXTRA_FILES_DIR}/{STATE_DICT_FILE} is not a weights-only state dict "
                              f"({exc})") from exc
-    return _checked(source, spec_path.read_text(encoding="utf-8"), state)
+    ood_path = extra_dir / OOD_FILE
+    try:
+        ood = load_ood(ood_path) if ood_path.is_file() else None
+    except Exception as exc:  # unpickling errors come in many types
+        raise ModelLoadError(f"{source}: {EXTRA_FILES_DIR}/{OOD_FILE} cannot be read ({exc})") from exc
+    return *_checked(source, spec_path.read_text(encoding="utf-8"), state), ood
 
 
-def _read_checkpoint(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+def _read_checkpoint(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor], OODStats | None]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types; all mean "not a safe checkpoint"
@@ -178,7 +196,11 @@ def _read_checkpoint(path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
         keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ModelLoadError(f"{path}: checkpoint needs keys 'model' (state dict) and 'spec' (model card); "
                              f"found {keys}")
-    return _checked(str(path), ckpt["spec"], ckpt["model"])
+    try:
+        ood = OODStats.from_state(ckpt["ood"], f"{path} ['ood']") if "ood" in ckpt else None
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+    return *_checked(str(path), ckpt["spec"], ckpt["model"]), ood
 
 
 def _checked(source: str, spec: str | dict, state: Any) -> tuple[ModelSpec, dict[str, torch.Tensor]]:

@@ -7,6 +7,12 @@ is what ``resume`` picks up after a crash; the final CSV is written once, atomic
 Only relative paths, labels and probabilities are written: no DICOM header field reaches an output.
 One job at a time writes an output (``<output>.lock``); ``resume`` keeps only rows exactly as this model
 writes them, so a row cut short by a kill is predicted again.
+
+One answer per image: ``decision`` follows the model's frozen operating point (see
+:func:`medgcsam.models.spec.decide`; the argmax when it has none) and ``argmax_label`` is kept only as an
+auxiliary column. With OOD statistics stored with the model, ``ood_score`` (Mahalanobis distance of the
+image's features to the training data) and ``ood_flag`` (above the threshold set on validation at a 5%
+false-alarm rate) say when an image is unlike anything the model was trained on.
 """
 
 from __future__ import annotations
@@ -34,11 +40,14 @@ from medgcsam.data.datasets import BatchInputs, to_uint8
 from medgcsam.data.io import IMAGE_SUFFIXES, failure_reason, find_images, read_image
 from medgcsam.data.transforms import deterministic_transforms
 from medgcsam.files import exclusive_lock, pause_point, remove_stale_temps, replace_atomically
-from medgcsam.models.spec import ModelSpec
+from medgcsam.models.ood import OODStats, logits_and_features
+from medgcsam.models.spec import ModelSpec, decide
 
 EXIT_OK, EXIT_FILES_FAILED, EXIT_USAGE, EXIT_CRASHED = 0, 1, 2, 3
 ERROR_COLUMNS = ["path", "reason"]
+_MANIFEST_ADVICE = re.compile(r"set its exclude_reason( in the manifest)?")
 _PROBABILITY = re.compile(r"[01]\.\d{6}")  # exactly as written below: a value cut short does not match
+_OOD_SCORE = re.compile(r"\d+\.\d{4}")
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +116,14 @@ def display_path(rel: str) -> str:
     return os.fsencode(rel).decode("utf-8", "backslashreplace")
 
 
-def output_columns(spec: ModelSpec) -> list[str]:
-    """path, label, prob_<class>..., and threshold_<pos>/decision_<pos> when the model has an operating point."""
-    cols = ["path", "label", *(f"prob_{c}" for c in spec.class_names)]
+def output_columns(spec: ModelSpec, ood: OODStats | None = None) -> list[str]:
+    """path, decision, argmax_label, prob_<class>..., threshold_<pos> with an operating point, ood_score/ood_flag
+    with OOD statistics."""
+    cols = ["path", "decision", "argmax_label", *(f"prob_{c}" for c in spec.class_names)]
     if spec.threshold is not None:
-        cols += [f"threshold_{spec.threshold.positive_class}", f"decision_{spec.threshold.positive_class}"]
+        cols.append(f"threshold_{spec.threshold.positive_class}")
+    if ood is not None:
+        cols += ["ood_score", "ood_flag"]
     return cols
 
 
@@ -141,7 +153,9 @@ class ImageFolder(Dataset):
         return rel, tensor, None
 
     def _relative(self, reason: str, rel: str) -> str:
-        """Folders above the input (often named after a patient or study) stay out of the errors file."""
+        """Folders above the input (often named after a patient or study) stay out of the errors file; the
+        readers' advice for a manifest row becomes advice for a folder, which is what predict reads."""
+        reason = _MANIFEST_ADVICE.sub("move it out of the input folder", reason)
         return reason.replace(str(self.root / rel), display_path(rel)).replace(str(self.root), ".")
 
 
@@ -165,12 +179,13 @@ def predict(
     amp: str = "none",
     resume: bool = False,
     progress: bool = True,
+    ood: OODStats | None = None,
 ) -> PredictionSummary:
     """Predict every image under ``input_dir`` into ``output`` (CSV) and ``<stem>.errors.csv``.
 
     ``model`` is moved to ``device`` in eval mode. With ``resume`` the paths already in ``output`` or in
     its ``.partial`` file (left by an interrupted run) are kept and not predicted again; files that
-    failed before are retried.
+    failed before are retried. ``ood`` (stored with the model) adds the OOD columns.
     """
     start = time.perf_counter()
     input_dir, output = Path(input_dir), Path(output)
@@ -180,8 +195,11 @@ def predict(
         raise PredictionError(f"--output {output} is a folder; give a CSV file name such as {output}/predictions.csv")
     if amp not in ("none", "bf16"):
         raise PredictionError(f"amp {amp!r} not supported for prediction; use 'none' or 'bf16'")
-    _positive_index(spec)  # a model with a broken threshold is refused before any file is touched
-    columns = output_columns(spec)
+    columns = output_columns(spec, ood)
+    try:
+        spec.operating_point()  # a broken threshold is refused before any file is touched
+    except ValueError as exc:
+        raise PredictionError(str(exc)) from None
     paths, ignored = find_images(input_dir)
     if not paths:
         raise PredictionError(f"no PNG, JPEG or DICOM files under {input_dir}; "
@@ -200,13 +218,14 @@ def predict(
                                   f"folder this user can write to") from None
         remove_stale_temps(output, partial, errors_path(output), model_path(output))  # ours: we hold the lock
         # rows of files that are gone since the earlier run are dropped with them
-        done, damaged = (_previous_rows(output, spec, card, {display_path(p) for p in paths}) if resume
+        done, damaged = (_previous_rows(output, spec, ood, card, {display_path(p) for p in paths}) if resume
                          else ({}, 0))
         todo = [p for p in paths if display_path(p) not in done]
         _write_text(model_path(output), json.dumps(card, indent=2))
         _write_csv(partial, columns, done.values())  # a crash from here on still keeps every earlier row
-        predicted, failures = _predict_files(model, spec, input_dir, todo, partial, done, batch_size=batch_size,
-                                 num_workers=num_workers, device=device, amp=amp, progress=progress)
+        predicted, failures = _predict_files(model, spec, ood, input_dir, todo, partial, done,
+                                             batch_size=batch_size, num_workers=num_workers, device=device, amp=amp,
+                                             progress=progress)
         _write_csv(output, columns, (done[p] for p in sorted(done)))
         _write_csv(errors_path(output), ERROR_COLUMNS, sorted(failures))
         partial.unlink()
@@ -216,11 +235,11 @@ def predict(
                              damaged=damaged)
 
 
-def _predict_files(model: nn.Module, spec: ModelSpec, input_dir: Path, todo: list[str], partial: Path,
-                   done: dict[str, list[str]], *, batch_size: int, num_workers: int, device: str | torch.device,
-                   amp: str, progress: bool) -> tuple[int, list[tuple[str, str]]]:
+def _predict_files(model: nn.Module, spec: ModelSpec, ood: OODStats | None, input_dir: Path, todo: list[str],
+                   partial: Path, done: dict[str, list[str]], *, batch_size: int, num_workers: int,
+                   device: str | torch.device, amp: str, progress: bool) -> tuple[int, list[tuple[str, str]]]:
     """Predict ``todo``, appending each batch's rows to ``partial`` (and to ``done``); (predicted, failures)."""
-    pos_index = _positive_index(spec)
+    operating_point = spec.operating_point()
     device = torch.device(device)
     model = model.to(device).eval()
     if device.type == "cuda":
@@ -228,6 +247,9 @@ def _predict_files(model: nn.Module, spec: ModelSpec, input_dir: Path, todo: lis
     loader = DataLoader(ImageFolder(input_dir, todo, spec), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=collate_with_failures, pin_memory=device.type == "cuda")
     classes, thr, inputs = spec.class_names, spec.threshold, BatchInputs(spec.preprocessing, device)
+    if ood is not None:
+        ood = OODStats(ood.means.to(device), ood.precision.to(device), ood.threshold, ood.false_alarm,
+                       ood.n_train, ood.shrinkage)
 
     failures: list[tuple[str, str]] = []
     bar = tqdm(total=len(todo), unit="img", disable=not progress or not todo, desc="predict")
@@ -237,12 +259,16 @@ def _predict_files(model: nn.Module, spec: ModelSpec, input_dir: Path, todo: lis
         for batch_paths, images, batch_failures in loader:
             failures += batch_failures
             if images is not None:
-                probs = forward_probabilities(model, inputs(images), device, amp)
-                for rel, label, p in zip(batch_paths, probs.argmax(dim=1).tolist(), probs.tolist(), strict=True):
+                probs, scores = forward_outputs(model, inputs(images), device, amp, ood)
+                decisions = decide(probs.numpy(), operating_point).tolist()
+                argmax = probs.argmax(dim=1).tolist()
+                for i, (rel, p) in enumerate(zip(batch_paths, probs.tolist(), strict=True)):
                     rel = display_path(rel)
-                    row = [rel, classes[label], *(f"{v:.6f}" for v in p)]
+                    row = [rel, classes[decisions[i]], classes[argmax[i]], *(f"{v:.6f}" for v in p)]
                     if thr is not None:
-                        row += [f"{thr.value:.6f}", "positive" if p[pos_index] >= thr.value else "negative"]
+                        row.append(f"{thr.value:.6f}")
+                    if scores is not None:
+                        row += [f"{scores[i]:.4f}", str(bool(scores[i] > ood.threshold))]
                     writer.writerow(row)
                     done[rel] = row
                 fh.flush()
@@ -253,30 +279,27 @@ def _predict_files(model: nn.Module, spec: ModelSpec, input_dir: Path, todo: lis
     return predicted, failures
 
 
-def forward_probabilities(model: nn.Module, images: torch.Tensor, device: torch.device, amp: str) -> torch.Tensor:
-    """Class probabilities on the host; the one forward path of ``predict`` and of its benchmark's limit."""
+def forward_outputs(model: nn.Module, images: torch.Tensor, device: torch.device, amp: str,
+                    ood: OODStats | None = None) -> tuple[torch.Tensor, list[float] | None]:
+    """Class probabilities on the host and, with ``ood``, each image's OOD distance (from the same forward pass);
+    the one forward path of ``predict`` and of its benchmark's limit."""
     if device.type == "cuda":
         images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-        logits = model(images)
-    return logits.float().softmax(dim=1).cpu()
+    scores = None
+    with torch.inference_mode():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            logits, features = (model(images), None) if ood is None else logits_and_features(model, images)
+        if ood is not None:
+            scores = ood.scores(features).cpu().tolist()  # float32 distances, outside autocast's bf16
+    return logits.float().softmax(dim=1).cpu(), scores
 
 
-def _positive_index(spec: ModelSpec) -> int:
-    if spec.threshold is None:
-        return -1
-    if spec.threshold.positive_class not in spec.class_names:
-        raise PredictionError(f"model threshold names class {spec.threshold.positive_class!r}, "
-                              f"not one of {spec.class_names}; re-export the model with a valid threshold")
-    return spec.class_names.index(spec.threshold.positive_class)
-
-
-def _previous_rows(output: Path, spec: ModelSpec, card: dict[str, object],
+def _previous_rows(output: Path, spec: ModelSpec, ood: OODStats | None, card: dict[str, object],
                    present: set[str]) -> tuple[dict[str, list[str]], int]:
     """Rows of an earlier (complete or interrupted) run of the same model, keyed by path, and how many rows were
     dropped as damaged (cut short by a kill, or not what this model writes), so that those files are predicted
     again instead of carrying a cut value into the final CSV."""
-    columns = output_columns(spec)
+    columns = output_columns(spec, ood)
     sources = [source for source in (output, partial_path(output)) if source.is_file()]
     if not sources:
         return {}, 0
@@ -304,7 +327,7 @@ def _previous_rows(output: Path, spec: ModelSpec, card: dict[str, object],
                                   f"--resume")
         try:
             for row in reader:
-                if _valid_row(row, spec, present):
+                if _valid_row(row, spec, ood, present):
                     rows[row[0]] = row
                 elif not row or row[0] in present or len(row) != len(columns):  # else: the file is gone since
                     damaged += 1
@@ -316,23 +339,36 @@ def _previous_rows(output: Path, spec: ModelSpec, card: dict[str, object],
     return rows, damaged
 
 
-def _valid_row(row: list[str], spec: ModelSpec, present: set[str]) -> bool:
-    """A row exactly as :func:`predict` writes it for this model, for a file that is still there."""
+def _valid_row(row: list[str], spec: ModelSpec, ood: OODStats | None, present: set[str]) -> bool:
+    """A row exactly as :func:`predict` writes it for this model, for a file that is still there: every value
+    complete, the probabilities a distribution, the decision and argmax the ones they imply (a tie at the threshold
+    or the OOD threshold, within the written rounding, may go either way)."""
     classes, thr = spec.class_names, spec.threshold
-    if len(row) != len(classes) + 2 + (2 if thr is not None else 0) or row[0] not in present or row[1] not in classes:
+    if len(row) != len(output_columns(spec, ood)) or row[0] not in present:
         return False
-    texts = row[2:2 + len(classes)]
+    if row[1] not in classes or row[2] not in classes:
+        return False
+    texts = row[3:3 + len(classes)]
     if not all(_PROBABILITY.fullmatch(t) for t in texts):
         return False
     probs = [float(t) for t in texts]
-    if abs(sum(probs) - 1.0) > 1e-6 * (len(probs) + 1) or probs[classes.index(row[1])] < max(probs):
+    if abs(sum(probs) - 1.0) > 1e-6 * (len(probs) + 1) or probs[classes.index(row[2])] < max(probs):
         return False
-    if thr is None:
-        return True
-    p = probs[_positive_index(spec)]
-    decision = "positive" if p >= thr.value else "negative"
-    return row[-2] == f"{thr.value:.6f}" and (row[-1] == decision or
-                                              (row[-1] in ("positive", "negative") and abs(p - thr.value) <= 1e-6))
+    rest = row[3 + len(classes):]
+    if thr is not None:
+        pos, value = spec.operating_point()
+        near = abs(probs[pos] - value) <= 1e-6
+        if rest.pop(0) != f"{value:.6f}" or not (near or classes[int(decide([probs], (pos, value))[0])] == row[1]):
+            return False
+    elif row[1] != row[2]:
+        return False
+    if ood is not None:
+        score, flag = rest
+        if not _OOD_SCORE.fullmatch(score) or flag not in ("True", "False"):
+            return False
+        if abs(float(score) - ood.threshold) > 1e-4 and (flag == "True") != (float(score) > ood.threshold):
+            return False
+    return True
 
 
 def _write_text(path: Path, text: str) -> None:

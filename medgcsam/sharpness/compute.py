@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -21,6 +22,7 @@ from torch.utils.data import Dataset
 
 from medgcsam.config import SharpnessConfig
 from medgcsam.evaluation.predict import split_batch
+from medgcsam.progress import progress
 from medgcsam.sharpness.landscape import Landscape, loss_landscape_1d, loss_landscape_2d
 from medgcsam.sharpness.operator import Batch, HessianOperator, preserved_state
 from medgcsam.sharpness.plots import plot_density, plot_landscape
@@ -55,6 +57,22 @@ def fixed_batches(data: Dataset | Iterable, n_samples: int, batch_size: int, see
     return batches
 
 
+class _Counted:
+    """The operator with each Hessian-vector product ticked off on a progress bar (minutes each on a CPU)."""
+
+    def __init__(self, op: HessianOperator, bar: Any) -> None:
+        self.op, self.bar = op, bar
+
+    def stage(self, name: str) -> _Counted:
+        self.bar.set_description(f"sharpness: {name}")
+        return self
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        out = self.op(v)
+        self.bar.update(1)
+        return out
+
+
 def compute_sharpness(model: nn.Module, data: Dataset | Iterable, cfg: SharpnessConfig,
                       device: torch.device | str = "cpu", out_dir: str | Path | None = None) -> dict[str, float]:
     """Metrics ``hessian_top_eig`` (and ``_2``.. for top_k), its residual ``||H u - theta u||`` measured with one
@@ -71,15 +89,21 @@ def compute_sharpness(model: nn.Module, data: Dataset | Iterable, cfg: Sharpness
         memory = None if cfg.graph_memory_gb is None else int(cfg.graph_memory_gb * 2**30)
         op = HessianOperator(model, batches, F.cross_entropy, device=device, graph_memory=memory)
         common = {"seed": cfg.seed, "dtype": op.dtype, "device": op.device}
-        if cfg.method == "lanczos":
-            direction = op.gradient() if cfg.start == "gradient" else None
-            eig = lanczos_top_eigs(op, op.dim, cfg.top_k, max_steps=cfg.lanczos_steps, tol=cfg.tol,
-                                   start=direction, measure=True, **common)
-        else:  # power iteration's residuals are measured already
-            eig = power_iteration(op, op.dim, cfg.top_k, max_iter=cfg.lanczos_steps, tol=cfg.tol, **common)
-        trace = hutchinson_trace(op, op.dim, cfg.trace_probes, **common) if cfg.trace_probes else None
-        density = (slq_density(op, op.dim, cfg.density_steps, cfg.density_probes, **common)
-                   if cfg.density_probes else None)
+        # at most this many products: Lanczos usually stops early, power iteration may take top_k times more
+        budget = cfg.lanczos_steps + cfg.top_k + cfg.trace_probes + cfg.density_probes * cfg.density_steps
+        with progress(desc="sharpness", unit="HVP", total=budget) as bar:
+            hvp = _Counted(op, bar)
+            if cfg.method == "lanczos":
+                direction = op.gradient() if cfg.start == "gradient" else None
+                eig = lanczos_top_eigs(hvp.stage("top eigenvalues"), op.dim, cfg.top_k, max_steps=cfg.lanczos_steps,
+                                       tol=cfg.tol, start=direction, measure=True, **common)
+            else:  # power iteration's residuals are measured already
+                eig = power_iteration(hvp.stage("top eigenvalues"), op.dim, cfg.top_k, max_iter=cfg.lanczos_steps,
+                                      tol=cfg.tol, **common)
+            trace = (hutchinson_trace(hvp.stage("trace"), op.dim, cfg.trace_probes, **common)
+                     if cfg.trace_probes else None)
+            density = (slq_density(hvp.stage("density"), op.dim, cfg.density_steps, cfg.density_probes, **common)
+                       if cfg.density_probes else None)
     metrics: dict[str, float] = {"hessian_top_eig": eig.values[0], "hessian_top_eig_residual": eig.residuals[0]}
     for i, value in enumerate(eig.values[1:], start=2):
         metrics[f"hessian_top_eig_{i}"] = value
@@ -103,7 +127,8 @@ def compute_sharpness(model: nn.Module, data: Dataset | Iterable, cfg: Sharpness
 def _write_sharpness(out: Path, metrics: dict[str, float], cfg: SharpnessConfig, density: Density | None,
                      eig: Eigen, graphs_kept: bool | None, dtype: torch.dtype) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    record = {"metrics": metrics, "settings": cfg.model_dump(), "top_eigenvalues": list(eig.values),
+    # "enabled" only says whether training runs this stage; a record of a computation that ran must not say false
+    record = {"metrics": metrics, "settings": cfg.model_dump(exclude={"enabled"}), "top_eigenvalues": list(eig.values),
               "residuals": list(eig.residuals), "lanczos_residual_estimates": eig.residual_estimates,
               "precision": {"dtype": str(dtype).removeprefix("torch."), "tf32": False, "sdpa": "math"},
               "operator": "mean cross-entropy, eval mode, no weight decay, all trainable parameters",

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medgcsam.progress import progress
 from medgcsam.sharpness.operator import Batch, Criterion, exact_numerics, preserved_state
 
 
@@ -84,7 +85,7 @@ def _sweep(model: nn.Module, batches: Sequence[Batch], criterion: Criterion, dir
     with preserved_state(model), torch.no_grad(), exact_numerics():
         params = list(model.parameters())
         origin = [p.detach().clone() for p in params]
-        for c in coords:
+        for c in progress(coords, desc=f"landscape {len(directions)}-D", unit="point"):
             for i, p in enumerate(params):
                 p.copy_(origin[i])
                 for coef, d in zip(c, directions, strict=True):
