@@ -223,7 +223,7 @@ def evaluate(model: nn.Module, bundle: Any, spec: ModelSpec, cfg: EvaluationConf
         fig = _score_split(name, logits, y, frame, spec, cfg, temperature, op, seed)
         figures["splits"][name] = fig
         files += _write_split_files(name, logits, y, frame, spec, temperature, op, fig, out_dir, cfg.ece_bins)
-    new_spec = spec.model_copy(update={"threshold": threshold}) if threshold is not None else spec
+    new_spec = spec.model_copy(update={"threshold": threshold or spec.threshold, "temperature": temperature})
     json_path = out_dir / "evaluation.json"
     json_path.write_text(json.dumps(figures, indent=2, default=_jsonable, allow_nan=True), encoding="utf-8")
     (out_dir / "spec.json").write_text(new_spec.model_dump_json(indent=2), encoding="utf-8")

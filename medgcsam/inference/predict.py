@@ -99,6 +99,35 @@ def output_columns(spec: ModelSpec) -> list[str]:
     return cols
 
 
+def positive_decision(spec: ModelSpec, probs: Sequence[float]) -> str:
+    """'positive' when p(positive class) reaches the frozen threshold; the model must have one."""
+    return "positive" if probs[positive_index(spec)] >= spec.threshold.value else "negative"
+
+
+class ImageLoader:
+    """One file -> the uint8 ``(C, S, S)`` tensor the model's preprocessing makes of it, or the reason it failed.
+
+    The single read path of ``predict`` and of the served model (which writes request bytes to a file first),
+    so both hand the network bit-identical inputs.
+    """
+
+    def __init__(self, spec: ModelSpec):
+        pre = spec.preprocessing
+        self.multiframe = pre.dicom_multiframe
+        self.transform = deterministic_transforms(pre, pre.modality, normalize=False, multiframe=pre.dicom_multiframe)
+
+    def __call__(self, path: Path) -> tuple[torch.Tensor | None, str | None]:
+        try:
+            image = read_image(path, multiframe=self.multiframe)
+            return to_uint8(self.transform({"image": image})["image"]), None
+        except ImageReadError as exc:
+            return None, str(exc)
+        except Exception as exc:  # noqa: BLE001 - any per-file failure must become an error row, not stop the job
+            while exc.__cause__ is not None:  # MONAI wraps the real error in "applying transform ..."
+                exc = exc.__cause__
+            return None, f"preprocessing failed ({type(exc).__name__}: {exc})"
+
+
 class ImageFolder(Dataset):
     """Reads and preprocesses one file in a worker; a failure is returned as a reason, never raised.
 
@@ -107,26 +136,17 @@ class ImageFolder(Dataset):
     """
 
     def __init__(self, root: Path, paths: Sequence[str], spec: ModelSpec):
-        pre = spec.preprocessing
         # absolute, so that removing it from a message cannot hit a word that happens to equal a relative root
-        self.root, self.paths, self.multiframe = Path(root).absolute(), list(paths), pre.dicom_multiframe
-        self.transform = deterministic_transforms(pre, pre.modality, normalize=False, multiframe=pre.dicom_multiframe)
+        self.root, self.paths = Path(root).absolute(), list(paths)
+        self.load = ImageLoader(spec)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[str, torch.Tensor | None, str | None]:
         rel = self.paths[index]
-        try:
-            image = read_image(self.root / rel, multiframe=self.multiframe)
-            tensor = to_uint8(self.transform({"image": image})["image"])
-        except ImageReadError as exc:
-            return rel, None, self._relative(str(exc), rel)
-        except Exception as exc:  # noqa: BLE001 - any per-file failure must become an error row, not stop the job
-            while exc.__cause__ is not None:  # MONAI wraps the real error in "applying transform ..."
-                exc = exc.__cause__
-            return rel, None, self._relative(f"preprocessing failed ({type(exc).__name__}: {exc})", rel)
-        return rel, tensor, None
+        tensor, reason = self.load(self.root / rel)
+        return rel, tensor, None if reason is None else self._relative(reason, rel)
 
     def _relative(self, reason: str, rel: str) -> str:
         """Folders above the input (often named after a patient or study) stay out of the errors file."""
@@ -169,7 +189,7 @@ def predict(
     if amp not in ("none", "bf16"):
         raise PredictionError(f"amp {amp!r} not supported for prediction; use 'none' or 'bf16'")
     columns = output_columns(spec)
-    pos_index = _positive_index(spec)
+    positive_index(spec)  # a threshold naming no class of the model stops the job before any file is read
     paths, ignored = find_images(input_dir)
     if not paths:
         raise PredictionError(f"no PNG, JPEG or DICOM files under {input_dir}; "
@@ -208,7 +228,7 @@ def predict(
                     rel = display_path(rel)
                     row = [rel, classes[label], *(f"{v:.6f}" for v in p)]
                     if thr is not None:
-                        row += [f"{thr.value:.6f}", "positive" if p[pos_index] >= thr.value else "negative"]
+                        row += [f"{thr.value:.6f}", positive_decision(spec, p)]
                     writer.writerow(row)
                     done[rel] = row
                 fh.flush()
@@ -226,14 +246,20 @@ def predict(
 
 def forward_probabilities(model: nn.Module, images: torch.Tensor, device: torch.device, amp: str) -> torch.Tensor:
     """Class probabilities on the host; the one forward path of ``predict`` and of its benchmark's limit."""
+    return forward_logits(model, images, device, amp).softmax(dim=1).cpu()
+
+
+def forward_logits(model: nn.Module, images: torch.Tensor, device: torch.device, amp: str) -> torch.Tensor:
+    """float32 logits on ``device``; the served model needs them for temperature-scaled probabilities."""
     if device.type == "cuda":
         images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
         logits = model(images)
-    return logits.float().softmax(dim=1).cpu()
+    return logits.float()
 
 
-def _positive_index(spec: ModelSpec) -> int:
+def positive_index(spec: ModelSpec) -> int:
+    """Column of the threshold's class (-1 without a threshold); a class the model lacks is a usage error."""
     if spec.threshold is None:
         return -1
     if spec.threshold.positive_class not in spec.class_names:

@@ -43,6 +43,8 @@ class ModelSpec(BaseModel):
     class_names: list[str]
     preprocessing: Preprocessing
     threshold: Threshold | None = None
+    # fitted on validation with the threshold; the served model reports probabilities scaled by it as well
+    temperature: float | None = Field(None, gt=0.0)
     manifest_sha256: str | None = None
     config_sha256: str | None = None
     medgcsam_version: str = medgcsam.__version__
