@@ -14,6 +14,8 @@
 #    BUSI sample on CPU, then predict with models:/medgcsam-busi-mini@champion); `predict` as the image's
 #    non-root user from a read-only model volume; the uid and the read-only mount are shown.
 # Prints each command, its exit code and time, the image size; exits 1 when any command failed.
+# PODMAN_RUNTIME=runc and CONTAINER_RUN_OPTS="--ulimit nofile=1024:1024 ..." adapt `podman run` to hosts that refuse
+# crun's defaults (a VM with hybrid cgroups that forbids raising rlimits: see docs/container.md).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${1:-/var/tmp/medgcsam-container-check}
@@ -65,7 +67,9 @@ in_image() {  # in_image [podman run options...] -- ARGS...: the image, offline,
     local opts=()
     while [ "$1" != "--" ]; do opts+=("$1"); shift; done
     shift
-    podman run --rm --network none "${opts[@]}" "$IMAGE" "$@"
+    # shellcheck disable=SC2086 # CONTAINER_RUN_OPTS is a list of options
+    podman ${PODMAN_RUNTIME:+--runtime "$PODMAN_RUNTIME"} run --rm --network none ${CONTAINER_RUN_OPTS:-} \
+        "${opts[@]}" "$IMAGE" "$@"
 }
 
 mkdir -p "$WORK"
@@ -90,7 +94,9 @@ step "main job: predict models:/" in_image -v "$ROOT/data_manifests:/opt/medgcsa
     predict --model models:/medgcsam-busi-mini@champion --input /opt/medgcsam/data_manifests/samples/busi_mini \
     --output /outputs/outputs/busi-mini/predictions.csv --num-workers 0
 
-model=$(dirname "$(find "$WORK/run/outputs" -name MLmodel -print -quit)")
+model=$(find "$WORK/run/outputs" -name MLmodel -print -quit)
+[ -n "$model" ] || { echo "no registered model under $WORK/run/outputs"; exit 1; }
+model=$(dirname "$model")
 echo "registered model folder: $model ($(du -sh "$model" | cut -f1))"
 step "model volume is read-only" in_image -v "$model:/model:ro" --entrypoint sh -- \
     -c 'if touch /model/x 2>/dev/null; then echo "/model is writable"; exit 1; else echo "/model: read-only"; fi'

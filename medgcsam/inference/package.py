@@ -162,7 +162,7 @@ def _download_model_files(ref: str, dst: Path) -> Path:
     predates the image pyfunc)."""
     repo = get_artifact_repository(ref)
     try:
-        names = {Path(f.path).name for f in repo.list_artifacts()}
+        names = {Path(f.path).name for f in repo.list_artifacts("")}
         folder = ARTIFACTS_DIR if ARTIFACTS_DIR in names else EXTRA_FILES_DIR
         return Path(repo.download_artifacts(folder, dst_path=str(dst)))
     except Exception as exc:  # MLflow raises several types (MlflowException, OSError, KeyError)

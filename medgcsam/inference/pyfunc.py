@@ -157,13 +157,14 @@ def _row_file(frame: pd.DataFrame, i: int, tmp: Path) -> tuple[Path, str]:
         file.write_bytes(_bytes(data, i))
         return file, f"row {i} ({IMAGE})"
     path = frame[PATH].iloc[i] if PATH in frame.columns else None
-    if _given(path):
+    if _given(path) and str(path):
         return Path(str(path)), str(path)
     raise ValueError(f"row {i}: neither '{IMAGE}' nor '{PATH}' given; send one of them")
 
 
 def _given(value: Any) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value)) and len(value) > 0
+    """A cell that holds something (empty bytes do: they are an empty file, and get that reason)."""
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
 def _bytes(value: Any, i: int) -> bytes:
