@@ -160,13 +160,13 @@ def build_classifier(spec: ModelSpec, state_dict: dict[str, torch.Tensor], *, so
 def _download_model_files(ref: str, dst: Path) -> Path:
     """The folder holding spec.json and state_dict.pt of a model URI, downloaded (``extra_files/`` when the model
     predates the image pyfunc)."""
-    repo = get_artifact_repository(ref)
     try:
+        repo = get_artifact_repository(ref)
         names = {Path(f.path).name for f in repo.list_artifacts("")}
         folder = ARTIFACTS_DIR if ARTIFACTS_DIR in names else EXTRA_FILES_DIR
         return Path(repo.download_artifacts(folder, dst_path=str(dst)))
     except Exception as exc:  # MLflow raises several types (MlflowException, OSError, KeyError)
-        raise ModelLoadError(f"cannot fetch the model files of {ref}: {exc}. Check the model name/alias, "
+        raise ModelLoadError(f"cannot fetch {ref}: {exc}. Check the model name/alias, "
                              f"MLFLOW_TRACKING_URI, and that it was logged with log_classifier") from exc
 
 
