@@ -1,0 +1,113 @@
+"""The compose file's tracking server, run for real on 127.0.0.1: basic auth on, secrets from files, none of them
+on any command line."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from medgcsam.tracking.server import ServerConfigError, server_environment
+from tests.test_inference_serving import _free_port
+
+ADMIN_PASSWORD = "s3cret/with:odd@chars"
+SECRET_KEY = "flask-key-0123456789"
+
+
+def _secrets(tmp_path: Path) -> dict[str, str]:
+    files = {"MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD, "MLFLOW_FLASK_SERVER_SECRET_KEY": SECRET_KEY,
+             "POSTGRES_PASSWORD": "pg p@ss/word"}
+    env = {}
+    for name, value in files.items():
+        path = tmp_path / name.lower()
+        path.write_text(value + "\n")
+        env[f"{name}_FILE"] = str(path)
+    return env
+
+
+def test_secrets_come_from_files_and_the_database_password_is_quoted_into_the_uri(tmp_path):
+    env = server_environment({**_secrets(tmp_path), "PATH": "/bin"}, tmp_path)
+    assert env["MLFLOW_BACKEND_STORE_URI"] == "postgresql+pg8000://mlflow:pg%20p%40ss%2Fword@db:5432/mlflow"
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == ADMIN_PASSWORD and env["MLFLOW_AUTH_ADMIN_USERNAME"] == "admin"
+    assert not any(k.endswith("_FILE") for k in env)
+    ini = Path(env["MLFLOW_AUTH_CONFIG_PATH"]).read_text()
+    assert "database_uri = sqlite:////mlflow/basic_auth.db" in ini and ADMIN_PASSWORD not in ini
+
+    with pytest.raises(ServerConfigError, match="MLFLOW_AUTH_ADMIN_PASSWORD is not set.*_FILE"):
+        server_environment({"MLFLOW_BACKEND_STORE_URI": "sqlite:///x.db"}, tmp_path)
+    with pytest.raises(ServerConfigError, match="POSTGRES_PASSWORD_FILE=/nonexistent/pw: cannot read it"):
+        server_environment({"POSTGRES_PASSWORD_FILE": "/nonexistent/pw"}, tmp_path)
+
+
+def _get(url: str, user: str | None = None, password: str | None = None) -> int:
+    req = urllib.request.Request(url)
+    if user is not None:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=90) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_tracking_server_needs_a_login_and_shows_no_secret_on_a_command_line(tmp_path):
+    port = _free_port()
+    env = {**os.environ, **_secrets(tmp_path), "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{tmp_path / 'auth.db'}",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "medgcsam.tracking.server", "--host", "127.0.0.1", "--port",
+                             str(port), "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while _get_or_none(f"{url}/health") != 200:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{(tmp_path / 'server.log').read_text()}")
+            time.sleep(0.5)
+        api = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert _get(api) == 401
+        assert _get(api, "admin", "wrong") == 401
+        assert _get(api, "admin", ADMIN_PASSWORD) == 200
+        cmdlines = _group_cmdlines(proc.pid)
+        assert len(cmdlines) >= 2, cmdlines  # the server and its uvicorn worker(s)
+        for line in cmdlines:
+            assert ADMIN_PASSWORD not in line and SECRET_KEY not in line, line
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+def _get_or_none(url: str) -> int | None:
+    try:
+        return _get(url)
+    except OSError:
+        return None
+
+
+def _group_cmdlines(pgid: int) -> list[str]:
+    """Command lines of every process in the server's process group, as `ps` would show them."""
+    lines = []
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(proc_dir.name)) == pgid:
+                lines.append((proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, ProcessLookupError):
+            continue
+    return lines
