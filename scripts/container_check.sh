@@ -12,7 +12,9 @@
 # 2. `buildah bud --isolation chroot --build-arg BASE_IMAGE=...` of ./Dockerfile -> localhost/medgcsam:check.
 # 3. In the image, without network: `medgcsam --help`; the main job (train + evaluate + register the shipped
 #    BUSI sample on CPU, then predict with models:/medgcsam-busi-mini@champion); `predict` as the image's
-#    non-root user from a read-only model volume; the uid and the read-only mount are shown.
+#    non-root user from a read-only model volume; the uid and the read-only mount are shown; then
+#    scripts/container_serve_check.py: `mlflow models serve` of that model answers a POST of a PNG as predict
+#    did, and the compose file's basic-auth tracking server refuses a request without a login.
 # Prints each command, its exit code and time, the image size; exits 1 when any command failed.
 # PODMAN_RUNTIME=runc and CONTAINER_RUN_OPTS="--ulimit nofile=1024:1024 ..." adapt `podman run` to hosts that refuse
 # crun's defaults (a VM with hybrid cgroups that forbids raising rlimits: see docs/container.md).
@@ -107,6 +109,10 @@ ls -ln "$WORK/run/predict"
 head -3 "$WORK/run/predict/predictions.csv"
 cmp "$WORK/run/predict/predictions.csv" "$WORK/run/outputs/outputs/busi-mini/predictions.csv" \
     && echo "same CSV from models:/ and from the read-only model folder"
+
+step "serve: models serve POST + basic-auth tracking server" in_image -v "$model:/model:ro" -v "$samples:/data:ro" \
+    -v "$WORK/run/predict:/out:ro" -v "$ROOT/scripts/container_serve_check.py:/check.py:ro" -e HOME=/tmp \
+    --entrypoint python -- /check.py
 
 echo "container check finished in $(( $(date +%s) - total )) s; failed: $FAILED"
 df -h "$WORK" | tail -1
