@@ -13,9 +13,14 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import pytest
+import torch
 
+from medgcsam.inference.package import load_classifier, log_classifier
+from medgcsam.models.factory import create_model
 from medgcsam.tracking.server import ServerConfigError, server_environment
+from tests.test_inference_package import make_spec
 from tests.test_inference_serving import _free_port
 
 ADMIN_PASSWORD = "s3cret/with:odd@chars"
@@ -58,7 +63,7 @@ def _get(url: str, user: str | None = None, password: str | None = None) -> int:
         return exc.code
 
 
-def test_tracking_server_needs_a_login_and_shows_no_secret_on_a_command_line(tmp_path):
+def test_tracking_server_needs_a_login_and_shows_no_secret_on_a_command_line(tmp_path, monkeypatch):
     port = _free_port()
     env = {**os.environ, **_secrets(tmp_path), "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
            "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{tmp_path / 'auth.db'}",
@@ -78,11 +83,24 @@ def test_tracking_server_needs_a_login_and_shows_no_secret_on_a_command_line(tmp
         assert _get(api) == 401
         assert _get(api, "admin", "wrong") == 401
         assert _get(api, "admin", ADMIN_PASSWORD) == 200
+        # a job with the compose file's client credentials registers and loads a model through the login
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        mlflow.set_tracking_uri(url)
+        torch.manual_seed(0)
+        model = create_model("test_resnet", 3, in_chans=3).eval()
+        mlflow.set_experiment("behind-login")
+        with mlflow.start_run():
+            log_classifier(model, make_spec(), registered_model_name="bus-auth", alias="champion")
+        loaded, _ = load_classifier("models:/bus-auth@champion")
+        assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
         cmdlines = _group_cmdlines(proc.pid)
         assert len(cmdlines) >= 2, cmdlines  # the server and its uvicorn worker(s)
         for line in cmdlines:
             assert ADMIN_PASSWORD not in line and SECRET_KEY not in line, line
     finally:
+        mlflow.set_tracking_uri(None)
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=15)
