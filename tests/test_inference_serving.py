@@ -12,12 +12,7 @@ import base64
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -33,6 +28,7 @@ from medgcsam.engine import train
 from medgcsam.evaluation.calibration import softmax
 from medgcsam.inference.package import load_classifier
 from tests import test_inference_predict as predict_tests
+from tests.helpers_servers import free_port, running
 from tests.test_engine import tiny_config, write_image_folder
 
 NAME = "served-bus"
@@ -131,12 +127,6 @@ def test_signature_and_input_example_are_real_images(registered):
     assert [p.name for p in weights] == ["state_dict.pt"], "the weights are stored once"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as resp:
@@ -146,41 +136,21 @@ def _post(url: str, body: dict) -> dict:
 def test_mlflow_models_serve_answers_a_png_and_a_dicom_post_like_predict(registered, predicted, tmp_path):
     uri, _, _ = registered
     folder, rows, _ = predicted
-    port = _free_port()
-    log = (tmp_path / "serve.log").open("w")
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # uvicorn of this venv
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
-                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except (OSError, urllib.error.URLError):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log_text = (tmp_path / "serve.log").read_text()
-                    raise RuntimeError(f"mlflow models serve did not start:\n{log_text}") from None
-                time.sleep(0.5)
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager",
+           "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    with running(cmd, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", env=env, cwd=tmp_path):
         sent = ["a/grey.png", "c/ct.dcm", "b/photo.jpg"]
         records = [{"image": base64.b64encode((folder / p).read_bytes()).decode()} for p in sent]
         records.append({"image": base64.b64encode(b"not an image at all").decode()})
         answers = _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_records": records})["predictions"]
-        for rel, answer in zip(sent, answers, strict=False):
-            _assert_same_as_predict(answer, rows[rel], f"POST {rel}")
-            assert all(not (isinstance(v, float) and math.isnan(v)) for v in answer.values())
-        assert answers[3]["label"] is None and "not a recognised image format" in answers[3]["error"]
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
+    for rel, answer in zip(sent, answers, strict=False):
+        _assert_same_as_predict(answer, rows[rel], f"POST {rel}")
+        assert all(not (isinstance(v, float) and math.isnan(v)) for v in answer.values())
+    assert answers[3]["label"] is None and "not a recognised image format" in answers[3]["error"]
 
 
 def test_registry_version_describes_itself_and_the_run_names_its_data(registered):

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
-import signal
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,8 +17,8 @@ import torch
 from medgcsam.inference.package import load_classifier, log_classifier
 from medgcsam.models.factory import create_model
 from medgcsam.tracking.server import ServerConfigError, server_environment
+from tests.helpers_servers import free_port, running
 from tests.test_inference_package import make_spec
-from tests.test_inference_serving import _free_port
 
 ADMIN_PASSWORD = "s3cret/with:odd@chars"
 SECRET_KEY = "flask-key-0123456789"
@@ -64,21 +61,14 @@ def _get(url: str, user: str | None = None, password: str | None = None) -> int:
 
 
 def test_tracking_server_needs_a_login_and_shows_no_secret_on_a_command_line(tmp_path, monkeypatch):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, **_secrets(tmp_path), "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
            "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{tmp_path / 'auth.db'}",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "medgcsam.tracking.server", "--host", "127.0.0.1", "--port",
-                             str(port), "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-                            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = [sys.executable, "-m", "medgcsam.tracking.server", "--host", "127.0.0.1", "--port", str(port),
+           "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while _get_or_none(f"{url}/health") != 200:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start:\n{(tmp_path / 'server.log').read_text()}")
-            time.sleep(0.5)
+    with running(cmd, f"{url}/health", tmp_path / "server.log", env=env, cwd=tmp_path) as proc:
         api = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
         assert _get(api) == 401
         assert _get(api, "admin", "wrong") == 401
@@ -88,33 +78,20 @@ def test_tracking_server_needs_a_login_and_shows_no_secret_on_a_command_line(tmp
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         mlflow.set_tracking_uri(url)
-        torch.manual_seed(0)
-        model = create_model("test_resnet", 3, in_chans=3).eval()
-        mlflow.set_experiment("behind-login")
-        with mlflow.start_run():
-            log_classifier(model, make_spec(), registered_model_name="bus-auth", alias="champion")
-        loaded, _ = load_classifier("models:/bus-auth@champion")
+        try:
+            torch.manual_seed(0)
+            model = create_model("test_resnet", 3, in_chans=3).eval()
+            mlflow.set_experiment("behind-login")
+            with mlflow.start_run():
+                log_classifier(model, make_spec(), registered_model_name="bus-auth", alias="champion")
+            loaded, _ = load_classifier("models:/bus-auth@champion")
+        finally:
+            mlflow.set_tracking_uri(None)
         assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
         cmdlines = _group_cmdlines(proc.pid)
         assert len(cmdlines) >= 2, cmdlines  # the server and its uvicorn worker(s)
         for line in cmdlines:
             assert ADMIN_PASSWORD not in line and SECRET_KEY not in line, line
-    finally:
-        mlflow.set_tracking_uri(None)
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
-
-
-def _get_or_none(url: str) -> int | None:
-    try:
-        return _get(url)
-    except OSError:
-        return None
 
 
 def _group_cmdlines(pgid: int) -> list[str]:
