@@ -21,12 +21,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from mlflow.pyfunc import PythonModelContext
 
 from medgcsam.config import PipelineConfig
 from medgcsam.data.manifest import manifest_sha256
 from medgcsam.engine import train
 from medgcsam.evaluation.calibration import softmax
 from medgcsam.inference.package import load_classifier
+from medgcsam.inference.pyfunc import ImageClassifier
 from tests import test_inference_predict as predict_tests
 from tests.helpers_servers import free_port, running
 from tests.test_engine import tiny_config, write_image_folder
@@ -179,3 +181,16 @@ def test_registry_version_describes_itself_and_the_run_names_its_data(registered
         assert tags["manifest_sha256"] == sha and di.dataset.name == f"manifest:{split}"
         assert json.loads(di.dataset.profile)["num_rows"] == int(run.data.params[f"split.{split}.n"])
     assert len({di.dataset.digest for di in by_split.values()}) == 3
+
+
+def test_columns_a_caller_adds_follow_the_answer_and_stay_empty_for_failed_images(registered, predicted):
+    """The hook the out-of-distribution score joins through: its columns arrive per image, after `error`."""
+    folder, rows, _ = predicted
+    files = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion")) / "artifacts"
+    model = ImageClassifier(extra_columns=[lambda net, images, logits: {"ood_score": logits.abs().sum(1).tolist()}])
+    model.load_context(PythonModelContext(artifacts={"spec": str(files / "spec.json"),
+                                                     "state_dict": str(files / "state_dict.pt")}, model_config={}))
+    out = model.predict(None, pd.DataFrame({"path": [str(folder / "a/grey.png"), str(folder / "empty.png")]}))
+    assert list(out.columns)[-2:] == ["error", "ood_score"]
+    assert out["ood_score"][0] > 0 and out["ood_score"][1] is None and "empty" in out["error"][1]
+    assert abs(out["prob_malignant"][0] - float(rows["a/grey.png"]["prob_malignant"])) <= TOL

@@ -81,6 +81,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         state = load_state_dict_file(Path(context.artifacts["state_dict"]))
         self.model = build_classifier(self.spec, state, source="served model").to(self.device)
+        if self.device.type == "cuda":  # as `medgcsam predict` runs it, so GPU answers match its kernels too
+            self.model = self.model.to(memory_format=torch.channels_last)
         positive_index(self.spec)  # a damaged threshold is refused at load, not on the first request
         self.load = ImageLoader(self.spec)
         self.inputs = BatchInputs(self.spec.preprocessing, self.device)
@@ -127,7 +129,9 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                 columns |= extra(self.model, images, logits)
             for j, (i, _) in enumerate(chunk):
                 rows[i] = {k: v[j] for k, v in columns.items()}
-        out = pd.DataFrame(rows, columns=output_schema(self.spec).input_names(), dtype=object)
+        names = output_schema(self.spec).input_names()
+        names += [k for row in rows for k in row if k not in names]  # extra columns, in the order they came
+        out = pd.DataFrame(rows, columns=list(dict.fromkeys(names)), dtype=object)
         return out.where(out.notna(), None)  # JSON null, not NaN, for what a row does not have
 
     def columns(self, logits: torch.Tensor) -> dict[str, list[Any]]:
