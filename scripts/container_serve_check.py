@@ -13,6 +13,7 @@ import base64
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,16 @@ def wait(url: str, proc: subprocess.Popen, seconds: float = 300) -> None:
             time.sleep(1)
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """The server and the workers it started (uvicorn, MLflow's job runner) share its process group."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
 def status(url: str, auth: str | None = None) -> int:
     req = urllib.request.Request(url, headers={"Authorization": f"Basic {auth}"} if auth else {})
     try:
@@ -48,7 +59,7 @@ def serve_model() -> None:
         rows = {r["path"]: r for r in csv.DictReader(fh)}
     rel = sorted(rows)[0]
     proc = subprocess.Popen(["mlflow", "models", "serve", "-m", "/model", "--env-manager", "local", "-h",
-                             "127.0.0.1", "-p", "5001", "-w", "1"])
+                             "127.0.0.1", "-p", "5001", "-w", "1"], start_new_session=True)
     try:
         wait("http://127.0.0.1:5001/ping", proc)
         body = {"dataframe_records": [{"image": base64.b64encode((Path("/data") / rel).read_bytes()).decode()}]}
@@ -57,8 +68,7 @@ def serve_model() -> None:
         with urllib.request.urlopen(req, timeout=120) as resp:
             (answer,) = json.loads(resp.read())["predictions"]
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(proc)
     print(f"POST {rel}: {json.dumps(answer)}")
     print(f"predict  : {json.dumps(rows[rel])}")
     diff = max(abs(float(answer[k]) - float(rows[rel][k])) for k in rows[rel] if k.startswith("prob_"))
@@ -77,14 +87,13 @@ def tracking_server() -> None:
         env[f"{name}_FILE"] = str(tmp / name)
     proc = subprocess.Popen([sys.executable, "-m", "medgcsam.tracking.server", "--host", "127.0.0.1", "--port",
                              "5002", "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"],
-                            env={**os.environ, **env})
+                            env={**os.environ, **env}, start_new_session=True)
     try:
         wait("http://127.0.0.1:5002/health", proc)
         api = "http://127.0.0.1:5002/api/2.0/mlflow/experiments/search?max_results=1"
         anonymous, admin = status(api), status(api, base64.b64encode(b"admin:container-check-pw").decode())
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(proc)
     print(f"tracking server: without login {anonymous}, as admin {admin}")
     if (anonymous, admin) != (401, 200):
         sys.exit("the tracking server does not enforce its login")
