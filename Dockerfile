@@ -1,6 +1,6 @@
 # medgcsam for GPU servers: train, evaluate and batch-predict with the `medgcsam` command.
 #
-#   docker build -t medgcsam:0.1.0 .
+#   docker build --build-arg GIT_COMMIT=$(git rev-parse HEAD) -t medgcsam:0.1.0 .
 #   docker run --rm --gpus all -v /srv/studies:/data:ro -v /srv/models/bus:/model:ro -v /srv/out:/outputs \
 #       medgcsam:0.1.0 predict --model /model --input /data --output /outputs/run1.csv
 #
@@ -36,6 +36,10 @@ COPY pipelines ./pipelines
 # constraints.txt holds the exact versions the test suite ran with.
 RUN python -m pip install -c constraints.txt ".[dicom,server]" \
     && python -c "import medgcsam.cli, torch; assert torch.__version__.split('+')[0] == '2.14.1', torch.__version__"
+
+# the commit the registry tags a model trained here with (there is no checkout in the image)
+ARG GIT_COMMIT=unknown
+ENV MEDGCSAM_GIT_COMMIT=${GIT_COMMIT}
 
 USER 10001:10001
 WORKDIR /mlflow

@@ -80,7 +80,10 @@ total=$(date +%s)
 if [ -n "${REBUILD_BASE:-}" ] || ! buildah inspect --type image "$BASE" > /dev/null 2>&1; then
     step "base image" build_base || exit 1
 fi
-step "build" buildah bud --isolation chroot --layers --build-arg "BASE_IMAGE=$BASE" -t "$IMAGE" "$ROOT" || exit 1
+commit=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)
+git -C "$ROOT" diff --quiet HEAD 2>/dev/null || commit="$commit+dirty"
+step "build" buildah bud --isolation chroot --layers --build-arg "BASE_IMAGE=$BASE" --build-arg "GIT_COMMIT=$commit" \
+    -t "$IMAGE" "$ROOT" || exit 1
 podman image ls --format "{{.Repository}}:{{.Tag}} {{.Size}}" "$IMAGE"
 podman image ls --format "{{.Repository}}:{{.Tag}} {{.Size}}" "$BASE"
 

@@ -24,7 +24,7 @@ from medgcsam.tracking.provenance import git_commit
 
 DIGEST_CHARS = 32  # MLflow stores at most 36 characters of a dataset digest; the full hash is a tag
 SPLIT_CONTEXT = {"train": "training", "val": "evaluation", "test": "evaluation"}
-HEADLINE = ("balanced_accuracy", "auroc_macro", "sensitivity", "specificity", "ece")
+HEADLINE = ("balanced_accuracy", "auroc_macro", "op/sensitivity", "op/specificity", "ece")  # op/: operating point
 
 
 def split_sha256(frame: pd.DataFrame) -> str:
