@@ -1,13 +1,14 @@
 # medgcsam for GPU servers: train, evaluate and batch-predict with the `medgcsam` command.
 #
-#   docker build -t medgcsam:0.1.0 .
-#   docker run --rm --gpus all -v /srv/studies:/data:ro -v /srv/medgcsam:/mlflow \
-#       -e MLFLOW_TRACKING_URI=http://mlflow:5000 medgcsam:0.1.0 \
-#       predict --model models:/bus-classifier@champion --input /data --output /mlflow/predictions/run1.csv
+#   docker build --build-arg GIT_COMMIT=$(git rev-parse HEAD) -t medgcsam:0.1.0 .
+#   docker run --rm --gpus all -v /srv/studies:/data:ro -v /srv/models/bus:/model:ro -v /srv/out:/outputs \
+#       medgcsam:0.1.0 predict --model /model --input /data --output /outputs/run1.csv
 #
-# The base image's torch/torchvision must equal the pins in pyproject.toml (2.14.1 / 0.29.1); pip
-# then keeps them and installs the rest pinned by constraints.txt, with the command of docs/container.md.
-# Not built on the development machines (no Docker engine there): see docs/container.md.
+# /srv/models/bus is a downloaded MLflow model (`mlflow artifacts download -u models:/NAME@champion`) or a
+# checkpoint .pt; /srv/out must be writable by uid 10001. For models:/ URIs use the compose `predict` service
+# (it reaches the `mlflow` server by name). BASE_IMAGE must carry python with torch/torchvision equal to the
+# pins in pyproject.toml (2.14.1 / 0.29.1): the CUDA PyTorch image by default; scripts/container_check.sh
+# builds a Debian one without any image registry (docs/container.md has what it built and ran).
 ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
@@ -35,6 +36,10 @@ COPY pipelines ./pipelines
 # constraints.txt holds the exact versions the test suite ran with.
 RUN python -m pip install -c constraints.txt ".[dicom,server]" \
     && python -c "import medgcsam.cli, torch; assert torch.__version__.split('+')[0] == '2.14.1', torch.__version__"
+
+# the commit the registry tags a model trained here with (there is no checkout in the image)
+ARG GIT_COMMIT=unknown
+ENV MEDGCSAM_GIT_COMMIT=${GIT_COMMIT}
 
 USER 10001:10001
 WORKDIR /mlflow

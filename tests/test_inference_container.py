@@ -71,25 +71,36 @@ def test_constraints_pin_every_dependency_and_agree_with_pyproject():
             assert pins[name] == dep.split("==")[1].strip(), name
 
 
-def test_compose_has_tracking_server_with_database_and_gpu_jobs():
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+def test_compose_has_an_authenticated_tracking_server_with_secrets_in_files_and_gpu_jobs():
+    text = (ROOT / "docker-compose.yml").read_text()
+    compose = yaml.safe_load(text)
+    assert "name" not in compose and "version" not in compose  # Debian's docker-compose 1.29 refuses `name:`
     services = compose["services"]
     assert set(services) == {"db", "mlflow", "train", "predict"}
 
-    server = " ".join(services["mlflow"]["entrypoint"] + services["mlflow"]["command"])
-    assert "--backend-store-uri postgresql+pg8000://" in server and "@db:5432/" in server
-    assert "--artifacts-destination /mlflow/artifacts" in server
-    assert "mlflow:5000" in server.split("--allowed-hosts")[1]
-    assert any(v.startswith("mlflow-artifacts:/mlflow") for v in services["mlflow"]["volumes"])
-    assert services["mlflow"]["depends_on"]["db"]["condition"] == "service_healthy"
-    assert any(v.startswith("mlflow-db:") for v in services["db"]["volumes"])
+    server = services["mlflow"]
+    assert server["entrypoint"] == ["python", "-m", "medgcsam.tracking.server"]  # MLflow's basic-auth app
+    args = " ".join(server["command"])
+    assert "--artifacts-destination /mlflow/artifacts" in args and "mlflow:5000" in args.split("--allowed-hosts")[1]
+    assert "PASSWORD" not in args and "postgresql" not in args  # no secret on a command line
+    env = server["environment"]
+    for name in ("POSTGRES_PASSWORD_FILE", "MLFLOW_AUTH_ADMIN_PASSWORD_FILE", "MLFLOW_FLASK_SERVER_SECRET_KEY_FILE"):
+        assert env[name].startswith("/run/secrets/") and env[name].split("/")[-1] in server["secrets"]
+    assert services["db"]["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+    assert all(s["file"].startswith("./secrets/") for s in compose["secrets"].values())
+    assert any(v.startswith("mlflow-artifacts:/mlflow") for v in server["volumes"])
+    assert server["depends_on"]["db"]["condition"] == "service_healthy"
     assert set(compose["volumes"]) == {"mlflow-db", "mlflow-artifacts"}
+    assert "secrets/" in (ROOT / ".gitignore").read_text()
 
-    for job, command in (("train", ["medgcsam", "train"]), ("predict", ["medgcsam", "predict"])):
+    assert services["train"]["entrypoint"][:2] == ["torchrun", "--standalone"]
+    assert services["train"]["entrypoint"][-3:] == ["-m", "medgcsam", "train"]
+    assert services["predict"]["entrypoint"] == ["medgcsam", "predict"]
+    for job in ("train", "predict"):
         svc = services[job]
-        assert svc["entrypoint"] == command
         assert svc["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
         assert svc["environment"]["HF_HUB_OFFLINE"] == "1"
+        assert svc["env_file"] == "./secrets/mlflow_client.env"
         (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
         assert any(v.endswith(":/data:ro") for v in svc["volumes"])

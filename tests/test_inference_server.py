@@ -7,13 +7,7 @@ proxy, and `medgcsam predict --model models:/name@alias` gives the CSV the check
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 
 import mlflow
 import pytest
@@ -22,49 +16,26 @@ import torch
 from medgcsam.inference.package import load_classifier, log_classifier
 from medgcsam.models.factory import create_model
 from tests import test_inference_predict as predict_tests
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers_servers import free_port, running
 
 
 @pytest.fixture()
 def mlflow_server(tmp_path, monkeypatch):
-    port = _free_port()
+    port = free_port()
     server_dir = tmp_path / "server"
     server_dir.mkdir()
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{server_dir / 'mlflow.db'}",
            "--artifacts-destination", str(server_dir / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=server_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log_text = (tmp_path / "server.log").read_text()
-                    raise RuntimeError(f"mlflow server did not start:\n{log_text}") from None
-                time.sleep(0.5)
+    with running(cmd, f"{url}/health", tmp_path / "server.log", cwd=server_dir):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
         mlflow.set_tracking_uri(url)
-        yield url, server_dir
-    finally:
-        mlflow.set_tracking_uri(None)
-        os.killpg(proc.pid, signal.SIGTERM)  # uvicorn workers are in the server's own process group
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
+            yield url, server_dir
+        finally:
+            mlflow.set_tracking_uri(None)
 
 
 def test_predict_from_registry_behind_a_tracking_server(tmp_path, mlflow_server):

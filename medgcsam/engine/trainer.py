@@ -599,14 +599,18 @@ class _Training:
 
     def _log_model(self) -> dict[str, str | None]:
         from medgcsam.inference.package import log_classifier, registered_by_run
+        from medgcsam.tracking.lineage import record_lineage
 
         cfg = self.cfg
         alias = cfg.tracking.alias if cfg.tracking.register_as else None
         if cfg.tracking.register_as and (done := registered_by_run(cfg.tracking.register_as, self.run_id, alias)):
             return done  # registered before a kill stopped this stage being recorded: no second version
         info = log_classifier(self.raw, self.spec, name="model", registered_model_name=cfg.tracking.register_as,
-                              alias=alias, ood=stored_ood(self.dir))
+                              alias=alias, ood=stored_ood(self.dir), example_image=self.bundle.train.paths[0])
         version = info.registered_model_version
+        record_lineage(cfg, self.spec, self.bundle.manifest_sha256, self.bundle.frames,
+                       self.dir / "evaluation" / "evaluation.json",
+                       (cfg.tracking.register_as, version) if version is not None else None)
         return {"model_uri": info.model_uri, "version": str(version) if version is not None else None}
 
     def _evaluate(self) -> dict[str, Any] | None:

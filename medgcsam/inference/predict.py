@@ -127,6 +127,26 @@ def output_columns(spec: ModelSpec, ood: OODStats | None = None) -> list[str]:
     return cols
 
 
+class ImageLoader:
+    """One file -> the uint8 ``(C, S, S)`` tensor the model's preprocessing makes of it, or the reason it failed.
+
+    The single read path of ``predict`` and of the served model (which writes request bytes to a file first),
+    so both hand the network bit-identical inputs.
+    """
+
+    def __init__(self, spec: ModelSpec):
+        pre = spec.preprocessing
+        self.multiframe = pre.dicom_multiframe
+        self.transform = deterministic_transforms(pre, pre.modality, normalize=False, multiframe=pre.dicom_multiframe)
+
+    def __call__(self, path: Path) -> tuple[torch.Tensor | None, str | None]:
+        try:
+            image = read_image(path, multiframe=self.multiframe)
+            return to_uint8(self.transform({"image": image})["image"]), None
+        except Exception as exc:  # noqa: BLE001 - any per-file failure must become an error row, not stop the job
+            return None, failure_reason(exc)
+
+
 class ImageFolder(Dataset):
     """Reads and preprocesses one file in a worker; a failure is returned as a reason, never raised.
 
@@ -135,22 +155,17 @@ class ImageFolder(Dataset):
     """
 
     def __init__(self, root: Path, paths: Sequence[str], spec: ModelSpec):
-        pre = spec.preprocessing
         # absolute, so that removing it from a message cannot hit a word that happens to equal a relative root
-        self.root, self.paths, self.multiframe = Path(root).absolute(), list(paths), pre.dicom_multiframe
-        self.transform = deterministic_transforms(pre, pre.modality, normalize=False, multiframe=pre.dicom_multiframe)
+        self.root, self.paths = Path(root).absolute(), list(paths)
+        self.load = ImageLoader(spec)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[str, torch.Tensor | None, str | None]:
         rel = self.paths[index]
-        try:
-            image = read_image(self.root / rel, multiframe=self.multiframe)
-            tensor = to_uint8(self.transform({"image": image})["image"])
-        except Exception as exc:  # noqa: BLE001 - any per-file failure must become an error row, not stop the job
-            return rel, None, self._relative(failure_reason(exc), rel)
-        return rel, tensor, None
+        tensor, reason = self.load(self.root / rel)
+        return rel, tensor, None if reason is None else self._relative(reason, rel)
 
     def _relative(self, reason: str, rel: str) -> str:
         """Folders above the input (often named after a patient or study) stay out of the errors file; the
@@ -283,6 +298,14 @@ def forward_outputs(model: nn.Module, images: torch.Tensor, device: torch.device
                     ood: OODStats | None = None) -> tuple[torch.Tensor, list[float] | None]:
     """Class probabilities on the host and, with ``ood``, each image's OOD distance (from the same forward pass);
     the one forward path of ``predict`` and of its benchmark's limit."""
+    logits, scores = forward_logits(model, images, device, amp, ood)
+    return logits.softmax(dim=1).cpu(), None if scores is None else scores.cpu().tolist()
+
+
+def forward_logits(model: nn.Module, images: torch.Tensor, device: torch.device, amp: str,
+                   ood: OODStats | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float32 logits on ``device`` (the served model needs them for temperature-scaled probabilities) and, with
+    ``ood``, the images' OOD distances computed in float32 outside bf16 autocast."""
     if device.type == "cuda":
         images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
     scores = None
@@ -290,8 +313,8 @@ def forward_outputs(model: nn.Module, images: torch.Tensor, device: torch.device
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
             logits, features = (model(images), None) if ood is None else logits_and_features(model, images)
         if ood is not None:
-            scores = ood.scores(features).cpu().tolist()  # float32 distances, outside autocast's bf16
-    return logits.float().softmax(dim=1).cpu(), scores
+            scores = ood.scores(features)
+    return logits.float(), scores
 
 
 def _previous_rows(output: Path, spec: ModelSpec, ood: OODStats | None, card: dict[str, object],

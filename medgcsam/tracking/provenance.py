@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -27,8 +28,11 @@ def package_versions() -> dict[str, str]:
 
 
 def git_commit() -> str:
-    """Commit of the checkout the package runs from, ``+dirty`` if it has local changes, or ``unknown``."""
+    """Commit of the checkout the package runs from, ``+dirty`` if it has local changes; in an image (no checkout)
+    the ``MEDGCSAM_GIT_COMMIT`` its build recorded; else ``unknown``."""
     repo = Path(medgcsam.__file__).resolve().parent.parent
+    if not (repo / ".git").exists():
+        return os.environ.get("MEDGCSAM_GIT_COMMIT") or "unknown"
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                              timeout=5, check=True).stdout.strip()
