@@ -279,6 +279,7 @@ class Experiment:
         self._supersede({cell.name: result.run_id})
         if not self.config.keep_checkpoints:  # finished and tagged: a rerun skips it, its checkpoints are dead weight
             shutil.rmtree(result.checkpoint_dir, ignore_errors=True)
+            (result.checkpoint_dir.parent / "ood.pt").unlink(missing_ok=True)  # its copy is in the logged run
         return result.run_id
 
     def record_cell(self, run_id: str, cell: Cell, metrics: dict[str, float]) -> None:
