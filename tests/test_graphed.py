@@ -25,19 +25,9 @@ from medgcsam.engine.metrics import StepRecord, TrainMeter
 from medgcsam.engine.step import autocast_factory
 from medgcsam.models import create_model
 from medgcsam.optim import OPTIMIZERS, create_optimizer
+from tests.test_optim import Net  # noqa: E402 - the conv+BN+linear net every optimizer test uses
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs in the GPU check)")
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(64, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
 
 
 def test_auto_on_cpu_runs_eagerly_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
