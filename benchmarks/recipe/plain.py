@@ -96,7 +96,8 @@ def main() -> None:
     torch.manual_seed(a.seed)
     gen = torch.Generator().manual_seed(a.seed)
 
-    df = pd.read_csv(ROOT / "data_manifests/busi.csv")
+    df = pd.read_csv(ROOT / "data_manifests/busi.csv", keep_default_na=False)
+    df = df[df["exclude_reason"] == ""].reset_index(drop=True)  # the product leaves these out too
     images = load_images(df, ROOT.parent / "shared/data/busi", a.size, a.resize)
     labels = torch.tensor([CLASSES.index(c) for c in df["label"]])
     train_idx = np.flatnonzero(df["split"] == "train")
