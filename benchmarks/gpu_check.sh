@@ -2,7 +2,8 @@
 # ONE GPU check for issue 23 (run from the repo root on the GPU machine; the whole script <= 8.5 minutes).
 #   bash benchmarks/gpu_check.sh                   # H100/H200: the figures of the issue
 #   GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh   # CPU dry run: every section at tiny sizes (no Python errors)
-# Carried (ignored) paths: .whl/ (wheels the GPU image lacks) and .gpu_data/busi (BUSI PNGs), both filled by
+# Carried (ignored) paths: .whl/ (wheels the GPU image lacks, and Ray as ray_trim.tar.xz) and .gpu_data/busi
+# (BUSI PNGs, grey ones as 1-channel PNG), both filled by
 # benchmarks/gpu_wheels.sh. Environment:
 #   GPU_CHECK_BUDGET  seconds for the whole script (default 510); every section is time-limited inside it
 #   E_LIMIT           hard limit of section (e), the 24-cell presets comparison (default 300 s)
@@ -21,6 +22,7 @@ T0=$SECONDS
 if [ "$DRY" != 1 ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # the CPU dry run uses its own env
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     2>&1 | tail -3
+  [ -f .whl/ray_trim.tar.xz ] && tar -xJf .whl/ray_trim.tar.xz -C /tmp/site  # Ray, trimmed (gpu_wheels.sh)
   export PYTHONPATH="/tmp/site:$PWD"
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -30,6 +30,26 @@ for name in cachetools click cloudpickle databricks-sdk gitpython opentelemetry-
             python-dotenv; do
   get "$(pin "$name")" || echo "warning: $name not downloaded"
 done
+# Ray (the experiment runner's scheduler) is a 79 MB wheel, over the 64 MiB a call carries with everything else:
+# it travels as .whl/ray_trim.tar.xz (about 18 MB), the wheel unpacked without what a Python-only local Ray never
+# loads (the Java jars, the dashboard's web client, rllib/serve/data/train/tune/llm) and with its three native
+# programs stripped of symbols; gpu_check.sh unpacks it beside the wheels. jsonschema's family is what the GPU
+# image lacks of Ray's requirements.
+for name in jsonschema jsonschema-specifications referencing rpds-py; do
+  get "$(pin "$name")"
+done
+pack_ray() {  # pack_ray PYVER OUT: the trimmed Ray of constraints.txt for CPython PYVER (3.12 on the GPU image)
+  local tmp
+  tmp="$(mktemp -d)"
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$1" --implementation cp \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d "$tmp" "$(pin ray)"
+  (cd "$tmp" && unzip -q ./ray-*.whl && rm ./ray-*.whl \
+    && rm -rf ray/jars ray/dashboard/client/build ray/rllib ray/serve ray/data ray/train ray/tune ray/llm \
+    && strip --strip-unneeded ray/_raylet.so ray/core/src/ray/raylet/raylet ray/core/src/ray/gcs/gcs_server \
+    && tar cf - ray ray-*.dist-info | xz -6 -T2 > "$2")
+  rm -rf "$tmp"
+}
+pack_ray 3.12 "$PWD/.whl/ray_trim.tar.xz"
 # every wheel must be the constraints.txt version (a wheel file name is NAME-VERSION-...)
 bad=0
 for whl in .whl/*.whl; do
@@ -39,9 +59,9 @@ for whl in .whl/*.whl; do
 done
 [ "$bad" = 0 ] || exit 1
 du -sh .whl
-# BUSI, lossless PNG copy (the files already are PNG): the manifest is rebuilt on the GPU machine
+# BUSI, pixel for pixel: grey images as 1-channel PNG (the RGB files hold R=G=B), the rest as they are
 mkdir -p .gpu_data
 rm -rf .gpu_data/busi
-cp -r ../shared/data/busi .gpu_data/busi 2>/dev/null || cp -r "${BUSI_DIR:?set BUSI_DIR to the BUSI folder}" .gpu_data/busi
+PYTHONPATH="$PWD" "${PYTHON:-.venv/bin/python}" benchmarks/gpu_pack_busi.py "${BUSI_DIR:-../shared/data/busi}" .gpu_data/busi
 du -sh .gpu_data/busi
 echo "total travelling (must stay under 64 MiB with the tree):"; du -shc .whl .gpu_data | tail -1
