@@ -9,8 +9,9 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-_EXPORTS = {"FinishError": "trainer", "TrainResult": "trainer", "run_dir": "trainer", "train": "trainer",
-            "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint"}
+_EXPORTS = {"FinishError": "medgcsam.engine.trainer", "TrainResult": "medgcsam.engine.trainer",
+            "run_dir": "medgcsam.engine.trainer", "train": "medgcsam.engine.trainer",
+            "load_checkpoint": "medgcsam.checkpoint", "save_checkpoint": "medgcsam.checkpoint"}
 
 __all__ = sorted(_EXPORTS)
 
@@ -18,4 +19,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    return getattr(import_module(_EXPORTS[name]), name)

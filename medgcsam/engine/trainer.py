@@ -32,10 +32,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from medgcsam import checkpoint as ckpt_io
 from medgcsam.config import ConfigError, PipelineConfig
 from medgcsam.data.datasets import BatchInputs, DataBundle, build_datasets, build_loaders
 from medgcsam.data.device_cache import build_device_batches
-from medgcsam.engine import checkpoint as ckpt_io
 from medgcsam.engine.distributed import DistContext, broadcast, gather, init_distributed, shutdown
 from medgcsam.engine.graphed import EagerStep, make_step
 from medgcsam.engine.metrics import EPOCH_PREFIX, MONITOR_KEYS, TrainMeter, classification_metrics, is_improvement
@@ -628,9 +628,7 @@ class _Training:
         spec = result.spec.model_dump(mode="json")
         best = self.ckpt_dir / ckpt_io.BEST
         if best.is_file():  # the checkpoint serves `predict` too, so it carries the frozen threshold as well
-            state = ckpt_io.load_checkpoint(best)
-            state["spec"] = spec
-            ckpt_io.save_checkpoint(best, state)
+            ckpt_io.update_checkpoint(best, spec=spec)
         return spec
 
     def _sharpness(self) -> None:
