@@ -7,8 +7,7 @@ on machines without MLflow) and the CLI's startup do not pull in the tracking st
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from medgcsam import lazy_attributes
 
 _EXPORTS = {
     "FinishError": "medgcsam.engine.handlers.stages", "TrainResult": "medgcsam.engine.trainer",
@@ -22,7 +21,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_attributes(__name__, _EXPORTS)
