@@ -108,7 +108,7 @@ class Trainer:
                  ddp: nn.Module | None = None, ctx: DistContext | None = None, seed: int = 0,
                  steps_per_epoch: int | None = None, warm_start_epochs: int = 0, grad_norm_every: int = 1,
                  ddp_perturbation: str = "local", cuda_graph: GraphMode = "auto", train_batches: Any = None,
-                 step_builder: Callable[..., EagerStep] = make_step, state: TrainState | None = None) -> None:
+                 step_builder: Callable[..., EagerStep] = make_step) -> None:
         if monitor not in MONITOR_KEYS:
             raise ValueError(f"monitor must be one of {sorted(MONITOR_KEYS)}, got {monitor!r}")
         self.device = torch.device(device) if device is not None else optimizer.device
@@ -128,7 +128,7 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch or len(self.train_loader)
         self.warm_start_epochs, self.grad_norm_every = warm_start_epochs, grad_norm_every
         self.ddp_perturbation, self.cuda_graph, self.step_builder = ddp_perturbation, cuda_graph, step_builder
-        self.state = state or TrainState(model, optimizer, scheduler, scaler)
+        self.state = TrainState(model, optimizer, scheduler, scaler)
         self.resumed_from: dict[str, Any] | None = None  # the checkpoint ``resume`` loaded
         self.best_state: dict[str, torch.Tensor] | None = None  # the selected epoch's weights, on the CPU
         self.no_sync: frozenset[int] = frozenset()

@@ -24,8 +24,8 @@ class Checkpointing(Handler):
 
     def resume(self, trainer: Trainer, payload: dict[str, Any]) -> None:
         """Continue ``trainer`` from ``payload`` (``last.pt``) and the best weights it names."""
-        trainer.resume(payload, None)
-        trainer.best_state, self.best_sha256 = ckpt_io.load_best(self.directory, payload)
+        best_state, self.best_sha256 = ckpt_io.load_best(self.directory, payload)
+        trainer.resume(payload, best_state)
 
     def save(self, trainer: Trainer, meter: TrainMeter | None, *, best: bool = False) -> None:
         if trainer.ctx.is_main:
