@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "landscape": ("medgcsam.sharpness.cli", "landscape_command", "1-D/2-D loss landscape around a model's "
                   "weights."),
     "manifest": ("medgcsam.data.cli", "manifest_app", "Build, merge, split and validate image manifests."),
+    "optimizers": ("medgcsam.optim.cli", "optimizers_command", "List the registered optimizers (passes per step, "
+                   "authors' preset, source)."),
 }
 CONTEXT = {"max_content_width": 120, "help_option_names": ["-h", "--help"]}
 

@@ -23,8 +23,8 @@ from torch.nn.modules.module import register_module_forward_hook
 
 from medgcsam.config import ConfigError, PipelineConfig
 from medgcsam.engine import FinishError, load_checkpoint, run_dir, train
+from medgcsam.engine.loop import interrupted, seed_everything
 from medgcsam.engine.schedule import lr_factor
-from medgcsam.engine.trainer import interrupted, seed_everything
 from medgcsam.models import create_model
 from tests.helpers_images import make_manifest
 
@@ -289,16 +289,16 @@ def test_accumulation_cycles_never_straddle_a_checkpoint(images, tmp_path):
 def test_an_epoch_checkpointed_but_never_logged_is_sent_on_resume(images, tmp_path, monkeypatch):
     """Killed between the epoch's checkpoint and its flush: resume sends epoch 1's curves and gradient norms
     too, so the run's history has no hole (and spilled metrics of an earlier process are sent as well)."""
-    from medgcsam.engine.trainer import _Training
+    from medgcsam.engine.handlers.tracking import MlflowTracking
 
     cfg = PipelineConfig.model_validate(tiny_config(images, tmp_path, "hole", "adam"))
-    original = _Training._log_epoch
+    original = MlflowTracking.log_epoch
 
     def dies_once(self, record, rows):
-        monkeypatch.setattr(_Training, "_log_epoch", original)
+        monkeypatch.setattr(MlflowTracking, "log_epoch", original)
         raise RuntimeError("killed after the checkpoint")
 
-    monkeypatch.setattr(_Training, "_log_epoch", dies_once)
+    monkeypatch.setattr(MlflowTracking, "log_epoch", dies_once)
     with pytest.raises(RuntimeError, match="killed after the checkpoint"):
         train(cfg)
     spill = run_dir(cfg) / "unsent_metrics.json"

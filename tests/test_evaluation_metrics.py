@@ -19,7 +19,9 @@ from sklearn.metrics import (
 )
 
 from medgcsam.evaluation.calibration import fit_temperature, softmax
-from medgcsam.evaluation.metrics import (
+from medgcsam.evaluation.operating_point import choose_threshold
+from medgcsam.evaluation.report import _bound_note
+from medgcsam.metrics import (
     auroc,
     average_precision,
     binary_counts,
@@ -30,8 +32,6 @@ from medgcsam.evaluation.metrics import (
     per_class,
     row_normalise,
 )
-from medgcsam.evaluation.operating_point import choose_threshold
-from medgcsam.evaluation.report import _bound_note
 
 CLASSES = ["benign", "malignant", "normal"]
 

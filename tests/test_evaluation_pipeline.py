@@ -21,8 +21,8 @@ from medgcsam.config import EvaluationConfig, PipelineConfig
 from medgcsam.data.datasets import build_datasets
 from medgcsam.data.manifest import read_manifest, write_manifest
 from medgcsam.evaluation import choose_threshold, evaluate, log_evaluation
-from medgcsam.evaluation.metrics import binary_counts
 from medgcsam.evaluation.report import write_report
+from medgcsam.metrics import binary_counts
 from medgcsam.models.factory import create_model, input_spec
 from medgcsam.models.spec import ModelSpec, Preprocessing
 from tests.helpers_images import make_manifest

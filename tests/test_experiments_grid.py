@@ -161,3 +161,28 @@ def test_selection_folds_must_be_the_manifests_folds(tmp_path, rows, message):
     sel = {"name": "sel", "base": "base.yaml", "methods": ["adam"], "seeds": [0], "selection": {"folds": 3}}
     with pytest.raises(ConfigError, match=message):
         Experiment(write(tmp_path, sel)).validate()
+
+
+def test_the_experiment_store_follows_mlflow_tracking_uri_like_train(tmp_path):
+    """One resolution everywhere: --tracking-uri > experiment/base file > $MLFLOW_TRACKING_URI (at process start)
+    > sqlite under the experiment's output folder, as `medgcsam train` resolves it."""
+    import os
+    import subprocess
+    import sys
+
+    path = write(tmp_path, sweep())
+    probe = ("import sys; from medgcsam.experiments import Experiment; from medgcsam.config import load_config\n"
+             "from medgcsam.tracking import resolve_tracking_uri\n"
+             f"print(Experiment({str(path)!r}).tracking_uri)\n"
+             f"print(Experiment({str(path)!r}, tracking_uri='sqlite:////tmp/x.db').tracking_uri)\n"
+             f"print(resolve_tracking_uri(load_config({str(tmp_path / 'base.yaml')!r})))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    root = str(Path(__file__).resolve().parents[1])
+    unset = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                           env={**env, "PYTHONPATH": root}).stdout.split()
+    assert unset[0] == f"sqlite:///{(tmp_path / 'out' / 'experiments' / 'sweep' / 'mlflow.db').resolve()}"
+    assert unset[1] == "sqlite:////tmp/x.db"
+    store = f"sqlite:///{tmp_path / 'shared.db'}"
+    given = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                           env={**env, "PYTHONPATH": root, "MLFLOW_TRACKING_URI": store}).stdout.split()
+    assert given == [store, "sqlite:////tmp/x.db", store]

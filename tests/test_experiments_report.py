@@ -83,7 +83,7 @@ def test_collect_and_summaries(recorded):
     ex = recorded
     finished = ex.finished_runs()
     assert len(finished) == 8  # the RUNNING gcsam seed-2 cell does not count
-    df = collect(ex, finished)
+    df = collect(ex.config, finished, {c.id for c in ex.plan(finished)})
     summ = summary_table(df, ex.config).set_index("group")
     for method in ("adam", "sam"):
         got = summ.loc[method, "test accuracy"]
@@ -98,7 +98,7 @@ def test_collect_and_summaries(recorded):
 
 def test_paired_comparisons_match_seeds(recorded):
     ex = recorded
-    df = collect(ex, ex.finished_runs())
+    df = ex.report_source(ex.finished_runs()).cells
     paired = paired_table(df, ex.config, None).set_index(["group", "baseline"])
     row = paired.loc[("sam", "adam")]
     diffs = np.subtract(ACC["sam"], ACC["adam"])
@@ -110,7 +110,7 @@ def test_paired_comparisons_match_seeds(recorded):
 
 def test_report_written_and_logged(recorded):
     ex = recorded
-    path = write_report(ex, ex.finished_runs())
+    path = write_report(ex.report_source(ex.finished_runs()))
     text = path.read_text()
     assert "cells finished: 8 of 9 planned" in text
     s = summarize(ACC["sam"])
@@ -145,7 +145,7 @@ def test_report_flags_cells_that_shared_the_machine(tmp_path):
     first, second = (log_cell(ex, cell, tmp_path) for cell in grid_cells(ex.config))
     later = ex.client.get_run(second).info.end_time + 1000
     ex.client.set_terminated(first, "FINISHED", end_time=later)  # the first cell was still running
-    text = write_report(ex, ex.finished_runs()).read_text()
+    text = write_report(ex.report_source(ex.finished_runs())).read_text()
     assert "**Timing caveat:** up to 2 of these cells were running at the same time" in text
 
 
@@ -169,11 +169,11 @@ def test_stale_cells_and_other_test_images_are_not_compared(tmp_path):
 
     finished = ex.finished_runs()
     assert len(finished) == 5
-    df = collect(ex, finished)
+    df = collect(ex.config, finished, {c.id for c in ex.plan(finished)})
     assert sorted(zip(df.method, df.seed, strict=True)) == [("adam", 0), ("adam", 1), ("sam", 0), ("sam", 1)]
     summ = summary_table(df, ex.config).set_index("group")
     assert summ.loc["adam", "test accuracy"] == summarize(ACC["adam"][:2])
-    text = write_report(ex, finished).read_text()
+    text = write_report(ex.report_source(finished)).read_text()
     assert "s1: not the same test images (20 vs 20)" in text and "s0: " in text
 
 

@@ -27,11 +27,11 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from medgcsam.checkpoint import load_checkpoint, weights_digest
 from medgcsam.cli import app
 from medgcsam.config import PipelineConfig
 from medgcsam.data.manifest import read_manifest, write_manifest
 from medgcsam.engine import train
-from medgcsam.engine.checkpoint import load_checkpoint, weights_digest
 from medgcsam.files import PAUSE_ENV, PAUSE_MARKER_ENV
 from medgcsam.inference.predict import errors_path, lock_path, partial_path
 from medgcsam.models.factory import create_model

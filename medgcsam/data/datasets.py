@@ -30,7 +30,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -44,7 +44,6 @@ from torch.utils.data import (
     get_worker_info,
 )
 
-from medgcsam.config import DataConfig
 from medgcsam.data.io import ImageReadError, failure_reason
 from medgcsam.data.manifest import included, manifest_sha256, read_manifest, resolve_root, root_mismatch
 from medgcsam.data.tasks import apply_task, case_variants, get_task
@@ -374,7 +373,28 @@ def select_splits(df: pd.DataFrame, val_fold: int | None, origin: str = "manifes
             "test": test.reset_index(drop=True)}
 
 
-def build_datasets(cfg: DataConfig, spec: InputSpecLike) -> DataBundle:
+class DataSettings(Protocol):
+    """What the data layer reads of a pipeline's ``data`` section (``medgcsam.config.DataConfig`` is one): plain
+    values, so this layer needs nothing from the configuration module, which imports it."""
+
+    manifest: Path
+    root: Path | None
+    task: str | None
+    classes: list[str] | None
+    modality: str
+    batch_size: int
+    eval_batch_size: int | None
+    num_workers: int
+    cache: str
+    cache_dir: Path | None
+    augment: bool
+    aug_backend: str
+    val_fold: int | None
+    dicom_multiframe: str
+    allow_leakage: bool
+
+
+def build_datasets(cfg: DataSettings, spec: InputSpecLike) -> DataBundle:
     """Read the manifest, apply the task map, drop excluded rows and build one dataset per split."""
     df = read_manifest(cfg.manifest)
     df["manifest_line"] = df.index + 2  # kept through the split, so errors about a row name its line
@@ -407,7 +427,7 @@ def build_datasets(cfg: DataConfig, spec: InputSpecLike) -> DataBundle:
                       frames={k: v for k, v in frames.items() if len(v)}, root=root)
 
 
-def _check_leakage(frames: dict[str, pd.DataFrame], cfg: DataConfig) -> None:
+def _check_leakage(frames: dict[str, pd.DataFrame], cfg: DataSettings) -> None:
     """Refuse what ``manifest validate`` rejects: an image (or a patient) in two splits, or one image with two
     labels, unless ``data.allow_leakage`` says so, which the run's parameters then record."""
     report = leakage_report({name: frame for name, frame in frames.items() if len(frame)}, cfg.manifest)
@@ -428,7 +448,7 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def build_loaders(bundle: DataBundle, cfg: DataConfig, *, distributed: bool = False,
+def build_loaders(bundle: DataBundle, cfg: DataSettings, *, distributed: bool = False,
                   seed: int = 0) -> dict[str, DataLoader]:
     """DataLoaders per split; train drops the last partial batch so every step has the same shape.
 

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from medgcsam.config import ConfigError
+from medgcsam.devices import DeviceError, resolve_device
 
 
 @dataclass(frozen=True)
@@ -32,28 +33,15 @@ class DistContext:
         return self.rank == 0
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` is the local GPU when there is one, else CPU; ``cuda`` under torchrun means ``cuda:LOCAL_RANK``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device is 'cuda' but no CUDA device is visible; set train.device=cpu or auto")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
-
-
 def init_distributed(device_name: str) -> DistContext:
     """Join the process group ``torchrun`` describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
+    try:
+        device = resolve_device(device_name, local_rank)
+    except DeviceError as exc:
+        raise ConfigError(str(exc)) from None
     owns = False
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from medgcsam.cuda_capture import capture_into
 from medgcsam.engine.metrics import StepRecord, TrainMeter
 from medgcsam.engine.step import train_step
-from medgcsam.optim import WrappedOptimizer, forbid_host_sync, graph_safe_blocker, make_graph_safe_
+from medgcsam.optim import OPTIMIZERS, WrappedOptimizer, forbid_host_sync, graph_safe_blocker, make_graph_safe_
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,9 @@ def graph_blockers(model: nn.Module, opt: WrappedOptimizer, *, device: torch.dev
         reasons.append("amp=fp16 uses a GradScaler, whose skip-on-overflow is decided on the host; use amp=bf16")
     if isinstance(model, DistributedDataParallel) or no_sync:
         reasons.append("DDP all-reduces from autograd hooks and its no_sync passes are host-side")
+    record = OPTIMIZERS.get(opt.name)
+    if record is not None and not record.capturable:
+        reasons.append(f"{opt.name} is registered as not capturable in a CUDA graph")
     blocker = graph_safe_blocker(opt)
     if blocker is not None and "GradScaler" not in blocker:
         reasons.append(blocker)

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import balanced_accuracy_score, precision_recall_fscore_support, roc_auc_score
+
+from medgcsam.metrics import monitor
 
 # Per-epoch validation curves live under ``val_epoch/``; ``val/`` and ``test/`` belong to the evaluation of
 # the kept model, so MLflow's latest ``val/...`` value is that model's, not the last epoch's.
@@ -97,36 +98,13 @@ class TrainMeter:
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
                            prefix: str = EPOCH_PREFIX) -> dict[str, float]:
-    """Loss, accuracy, balanced accuracy, macro AUROC and per-class precision/sensitivity/F1."""
-    num_classes = len(class_names)
+    """Cross-entropy loss and ``medgcsam.metrics.monitor``'s figures under ``prefix``."""
     logits_t = torch.from_numpy(logits).double()
     labels_t = torch.from_numpy(labels).long()
     probs = torch.softmax(logits_t, 1).numpy()
-    pred = probs.argmax(1)
-    out = {
-        f"{prefix}/loss": float(torch.nn.functional.cross_entropy(logits_t, labels_t)),
-        f"{prefix}/accuracy": float((pred == labels).mean()),
-        f"{prefix}/balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
-        f"{prefix}/auroc": _auroc(probs, labels, num_classes),
-    }
-    precision, recall, f1, support = precision_recall_fscore_support(
-        labels, pred, labels=list(range(num_classes)), zero_division=0)
-    for i, name in enumerate(class_names):
-        out[f"{prefix}/precision/{name}"] = float(precision[i])
-        out[f"{prefix}/sensitivity/{name}"] = float(recall[i])
-        out[f"{prefix}/f1/{name}"] = float(f1[i])
-        out[f"{prefix}/support/{name}"] = float(support[i])
+    out = {f"{prefix}/loss": float(torch.nn.functional.cross_entropy(logits_t, labels_t))}
+    out.update({f"{prefix}/{k}": v for k, v in monitor(probs, labels.astype(np.int64), class_names).items()})
     return out
-
-
-def _auroc(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
-    """Binary AUROC of the last class, or one-vs-rest macro; NaN when a class is missing from the split or
-    training diverged (non-finite probabilities), so the epoch is logged and selects nothing."""
-    if len(np.unique(labels)) < num_classes or not np.isfinite(probs).all():
-        return float("nan")
-    if num_classes == 2:
-        return float(roc_auc_score(labels, probs[:, 1]))
-    return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
 
 
 def is_improvement(value: float, best: float | None, monitor: str) -> bool:

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from medgcsam.checkpoint import update_checkpoint
 from medgcsam.data.datasets import DataBundle
-from medgcsam.engine import checkpoint as ckpt_io
 from medgcsam.models.ood import FALSE_ALARM, OOD_FILE, collect, fit_ood, load_ood, save_ood
 
 
@@ -34,9 +34,7 @@ def fit_and_store_ood(model: nn.Module, bundle: DataBundle, device: torch.device
     stats = fit_ood(train_f, train_y, val_f, FALSE_ALARM)
     path = save_ood(stats, run_dir / OOD_FILE)
     if best_checkpoint.is_file():
-        state = ckpt_io.load_checkpoint(best_checkpoint)
-        state["ood"] = stats.state()
-        ckpt_io.save_checkpoint(best_checkpoint, state)
+        update_checkpoint(best_checkpoint, ood=stats.state())
     def flag_rate(feats: Any) -> float:
         return float(stats.flags(stats.scores(torch.from_numpy(feats))).double().mean())
 

@@ -2,9 +2,9 @@
 
 from medgcsam.evaluation.calibration import fit_temperature, softmax
 from medgcsam.evaluation.evaluate import EvaluationResult, evaluate, log_evaluation
-from medgcsam.evaluation.metrics import bootstrap_ci, headline
 from medgcsam.evaluation.operating_point import choose_threshold
 from medgcsam.evaluation.predict import predict_split
+from medgcsam.metrics import bootstrap_ci, headline
 
 __all__ = [
     "EvaluationResult",

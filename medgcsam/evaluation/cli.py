@@ -18,70 +18,29 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import typer
-from torch import nn
 
-from medgcsam.config import ConfigError, PipelineConfig, load_config
-from medgcsam.data.datasets import DataBundle, build_datasets
-from medgcsam.engine.checkpoint import load_checkpoint, save_checkpoint
-from medgcsam.engine.distributed import resolve_device
+from medgcsam.evaluation import loading
 from medgcsam.evaluation.evaluate import evaluate, log_evaluation
-from medgcsam.evaluation.runs import Origin, linked_run, model_origin, training_experiment
-from medgcsam.inference.package import MODEL_REFERENCE_HELP, ModelLoadError, load_classifier_with_ood, log_classifier
-from medgcsam.models.ood import OODStats
-from medgcsam.models.spec import ModelSpec
-from medgcsam.tracking import TrackingError, activate, ensure_experiment, ensure_reachable, resolve_tracking_uri
+from medgcsam.evaluation.loading import LOAD_ERRORS, LoadedModel, bundle_for, load_model, model_run
+from medgcsam.evaluation.runs import linked_run, training_experiment
+from medgcsam.inference.package import MODEL_REFERENCE_HELP
+from medgcsam.tracking import ensure_experiment
 
 EXIT_USAGE = 2
 
 
-@dataclass
-class LoadedModel:
-    """A model, its card, the pipeline and where in MLflow it came from."""
-
-    ref: str
-    model: nn.Module
-    spec: ModelSpec
-    cfg: PipelineConfig
-    run_id: str | None
-    registered: tuple[str, str | None] | None  # (registered name, alias or None)
-    device: str
-    ood: OODStats | None = None
-    origin: Origin = Origin()
-
-
-def load_for_cli(model_ref: str, pipeline: Path, overrides: list[str], tracking_uri: str | None) -> LoadedModel:
-    """Config, tracking store, model and its MLflow origin; every failure becomes a one-line usage error."""
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+    """What the library raises for a bad model, pipeline, store or manifest, as a one-line usage error."""
     try:
-        cfg = load_config(pipeline, overrides)
-        uri = resolve_tracking_uri(cfg, tracking_uri)
-        ensure_reachable(uri, cfg.tracking.connect_timeout_s)
-        activate(uri)
-        device = str(resolve_device(cfg.train.device))
-        model, spec, ood = load_classifier_with_ood(model_ref, device=device)
-        origin = model_origin(model_ref)
-        registered = (origin.name, origin.alias) if origin.name else None
-    except (ConfigError, TrackingError, ModelLoadError, RuntimeError, ValueError) as exc:
+        yield
+    except LOAD_ERRORS as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
-    return LoadedModel(model_ref, model, spec, cfg, origin.run_id, registered, device, ood, origin)
-
-
-@contextlib.contextmanager
-def model_run(loaded: LoadedModel, run_name: str) -> Iterator[str]:
-    """The model's own run (resumed) or a new run in the pipeline's experiment."""
-    if loaded.run_id is not None:
-        with mlflow.start_run(run_id=loaded.run_id) as run:
-            yield run.info.run_id
-        return
-    experiment_id = ensure_experiment(loaded.cfg, mlflow.get_tracking_uri())
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
-                          tags={"medgcsam.model_ref": loaded.ref}) as run:
-        yield run.info.run_id
 
 
 def evaluation_run(loaded: LoadedModel, manifest_sha: str) -> contextlib.AbstractContextManager[str]:
@@ -89,33 +48,6 @@ def evaluation_run(loaded: LoadedModel, manifest_sha: str) -> contextlib.Abstrac
     experiment_id = training_experiment(loaded.origin) or ensure_experiment(loaded.cfg, mlflow.get_tracking_uri())
     return linked_run(loaded.ref, loaded.origin, experiment_id, "evaluate", "evaluation",
                       {"medgcsam.evaluated_manifest_sha256": manifest_sha})
-
-
-def bundle_for(loaded: LoadedModel) -> DataBundle:
-    """The manifest's datasets, preprocessed as the model card says; classes must match the model's."""
-    try:
-        bundle = build_datasets(loaded.cfg.data, loaded.spec.preprocessing)
-    except (ValueError, FileNotFoundError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
-    if list(bundle.class_names) != list(loaded.spec.class_names):
-        typer.echo(f"error: the pipeline's classes {bundle.class_names} differ from the model's "
-                   f"{loaded.spec.class_names}; set data.classes / data.task to the model's classes", err=True)
-        raise typer.Exit(EXIT_USAGE)
-    return bundle
-
-
-def _store_threshold(loaded: LoadedModel, spec: ModelSpec) -> str:
-    """Write the frozen threshold into the model card where the model lives; returns where."""
-    path = Path(loaded.ref)
-    if path.is_file():
-        ckpt = load_checkpoint(path)
-        ckpt["spec"] = spec.model_dump(mode="json")
-        save_checkpoint(path, ckpt)
-        return str(path)
-    name, alias = loaded.registered if loaded.registered else (None, None)
-    info = log_classifier(loaded.model, spec, registered_model_name=name, alias=alias, ood=loaded.ood)
-    return info.model_uri + (f" (registered {name} v{info.registered_model_version})" if name else "")
 
 
 def evaluate_command(
@@ -140,26 +72,24 @@ def evaluate_command(
 
     Scores the pipeline's own splits; for another site's images use `validate-external`. Logs to a new
     MLflow run tagged with the model (the training run keeps its figures) unless --into-training-run."""
-    loaded = load_for_cli(model, pipeline, overrides or [], tracking_uri)
+    with usage_errors():
+        loaded = load_model(model, pipeline, overrides or [], tracking_uri)
+        bundle = bundle_for(loaded)
     cfg_eval = loaded.cfg.evaluation
     if split:
         cfg_eval = cfg_eval.model_copy(update={"splits": list(split)})
     out_dir = output or Path(loaded.cfg.output_dir) / "evaluation"
-    bundle = bundle_for(loaded)
-    try:
+    with usage_errors():
         result = evaluate(loaded.model, bundle, loaded.spec, cfg_eval, loaded.device, out_dir,
                           batch_size=loaded.cfg.data.eval_batch_size or loaded.cfg.data.batch_size,
                           seed=loaded.cfg.train.seed, manifest=loaded.cfg.data.manifest)
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
     if into_training_run and loaded.run_id is None:
         typer.echo(f"note: MLflow knows no training run of {model}; logging to a new run", err=True)
     into = into_training_run and loaded.run_id is not None
     sha = result.figures["evaluated_manifest"]["sha256"]
     with model_run(loaded, "evaluate") if into else evaluation_run(loaded, sha) as run_id:
         log_evaluation(result)
-        where = _store_threshold(loaded, result.spec) if store_threshold and result.threshold else None
+        where = loading.store_threshold(loaded, result.spec) if store_threshold and result.threshold else None
     for name, fig in result.figures["splits"].items():
         h = fig["headline"]
         typer.echo(f"{name}: n={fig['n_images']} accuracy={h['accuracy']:.4f} balanced_accuracy="

@@ -26,7 +26,11 @@ from medgcsam.config import EvaluationConfig
 from medgcsam.data.manifest import manifest_sha256
 from medgcsam.evaluation import plots
 from medgcsam.evaluation.calibration import fit_temperature, softmax
-from medgcsam.evaluation.metrics import (
+from medgcsam.evaluation.operating_point import choose_threshold
+from medgcsam.evaluation.predict import predict_split
+from medgcsam.evaluation.report import write_report
+from medgcsam.metrics import (
+    BY_SOURCE,
     binary_counts,
     bootstrap_ci,
     confusion,
@@ -34,9 +38,6 @@ from medgcsam.evaluation.metrics import (
     per_class,
     row_normalise,
 )
-from medgcsam.evaluation.operating_point import choose_threshold
-from medgcsam.evaluation.predict import predict_split
-from medgcsam.evaluation.report import write_report
 from medgcsam.models.spec import ModelSpec, Threshold, decide
 
 _METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. /]")  # characters MLflow accepts in metric keys
@@ -132,8 +133,7 @@ def score_split(name: str, logits: np.ndarray, y: np.ndarray, frame: pd.DataFram
         for source, idx in frame.groupby(frame["source"].astype(str)).indices.items():
             sub = headline(probs[idx], y[idx], classes, cfg.ece_bins, op)
             entry = {"n_images": int(len(idx)), "macro_classes": [classes[k] for k in np.unique(y[idx])],
-                     "accuracy": sub["accuracy"],
-                     "balanced_accuracy": sub["balanced_accuracy"], "auroc_macro": sub["auroc_macro"]}
+                     **{k: sub[k] for k in BY_SOURCE}}
             if op is not None:
                 entry["operating_point"] = binary_counts(probs[idx, op[0]] >= op[1], y[idx] == op[0])
             out["by_source"][source] = entry

@@ -29,9 +29,9 @@ from medgcsam.data.manifest import included, manifest_sha256, read_manifest, res
 from medgcsam.data.tasks import apply_task
 from medgcsam.evaluation.calibration import fit_temperature, softmax
 from medgcsam.evaluation.evaluate import check_finite, jsonable, score_split, write_split_files
-from medgcsam.evaluation.metrics import binary_counts, expected_calibration_error
 from medgcsam.evaluation.operating_point import choose_threshold
 from medgcsam.evaluation.report import write_external_report
+from medgcsam.metrics import binary_counts, expected_calibration_error
 from medgcsam.models.ood import OODStats, logits_and_features
 from medgcsam.models.spec import ModelSpec
 from medgcsam.progress import progress

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
-from medgcsam.evaluation.metrics import auroc, average_precision, reliability_bins, row_normalise  # noqa: E402
+from medgcsam.metrics import auroc, average_precision, reliability_bins, row_normalise  # noqa: E402
 
 
 def confusion_figure(cm: np.ndarray, class_names: Sequence[str], title: str) -> Figure:

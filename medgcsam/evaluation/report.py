@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from medgcsam.evaluation.calibration import T_MAX, T_MIN
+from medgcsam.metrics import BY_SOURCE, RANKING, RATIOS, SUMMARY, label
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -46,39 +47,38 @@ def _split_section(name: str, fig: dict[str, Any], classes: list[str], threshold
              + "; class counts " + ", ".join(f"{c}: {n}" for c, n in fig["class_counts"].items())
              + f". 95% CIs: percentile bootstrap, {boot['resamples']} resamples of {boot['unit']}s.", "",
              "| figure | value (95% CI) |", "|---|---|"]
-    for key in ("accuracy", "balanced_accuracy", "auroc_macro", "pr_auc_macro", "ece", "brier", "nll"):
+    for key in SUMMARY:
         lines.append(f"| {key} | {_with_ci(fig, key)} |")
     cal = fig["calibration"]
     lines.append(f"| ece after temperature scaling | {_num(cal['ece_calibrated'])} |")
     lines += _macro_note(fig, classes) + ["",
               "### Per class (one-vs-rest, argmax decisions)", "",
-              "| class | TP | FN | FP | TN | sensitivity | specificity | PPV | NPV | F1 | AUROC | PR-AUC |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| class | TP | FN | FP | TN | " + " | ".join(map(label, RATIOS + RANKING)) + " |",
+              "|---" * (5 + len(RATIOS + RANKING)) + "|"]
     for c in classes:
         pc = fig["per_class"][c]
-        cells = [_with_ci(fig, f"{k}/{c}") for k in ("sensitivity", "specificity", "ppv", "npv", "f1", "auroc",
-                                                     "pr_auc")]
+        cells = [_with_ci(fig, f"{k}/{c}") for k in RATIOS + RANKING]
         lines.append(f"| {c} | {pc['tp']} | {pc['fn']} | {pc['fp']} | {pc['tn']} | " + " | ".join(cells) + " |")
     if threshold is not None and "operating_point" in fig:
         op = fig["operating_point"]
         lines += ["", f"### Operating point: p({threshold['positive_class']}) >= {threshold['value']:.4f} "
                   f"({threshold['rule']}, chosen on validation)", "",
-                  "| TP | FN | FP | TN | sensitivity | specificity | PPV | NPV | F1 |", "|---" * 9 + "|",
+                  "| TP | FN | FP | TN | " + " | ".join(map(label, RATIOS)) + " |", "|---" * (4 + len(RATIOS)) + "|",
                   f"| {op['tp']} | {op['fn']} | {op['fp']} | {op['tn']} | "
-                  + " | ".join(_with_ci(fig, f"op/{k}") for k in ("sensitivity", "specificity", "ppv", "npv", "f1"))
+                  + " | ".join(_with_ci(fig, f"op/{k}") for k in RATIOS)
                   + " |"]
     lines += _confusion_table("argmax decisions", fig["confusion"], classes)
     if fig.get("confusion_decision"):
         lines += _confusion_table("at the operating point: the `decision` column of the predictions",
                                   fig["confusion_decision"], classes)
     if fig.get("by_source"):
-        lines += ["", "### By data source", "", "| source | images | accuracy | balanced accuracy | AUROC macro"
+        lines += ["", "### By data source", "", "| source | images | " + " | ".join(map(label, BY_SOURCE))
                   + (" | op sensitivity (TP/P) | op specificity (TN/N) |" if threshold else " |"),
                   "|---" * (7 if threshold else 5) + "|"]
         for source, s in fig["by_source"].items():
             only = "" if len(s["macro_classes"]) == len(classes) else f" (over {', '.join(s['macro_classes'])})"
-            row = f"| {source} | {s['n_images']} | {_num(s['accuracy'])} | {_num(s['balanced_accuracy'])}{only} | " \
-                  f"{_num(s['auroc_macro'])}{only} |"
+            row = f"| {source} | {s['n_images']} | " + " | ".join(
+                _num(s[k]) + ("" if k == "accuracy" else only) for k in BY_SOURCE) + " |"
             if "operating_point" in s:
                 o = s["operating_point"]
                 row += f" {_num(o['sensitivity'])} ({o['tp']}/{o['tp'] + o['fn']}) | " \

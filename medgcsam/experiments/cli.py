@@ -25,7 +25,7 @@ def experiment_command(
                                      "For other processes or machines; the run without --cell collects them"),
     workers: int = typer.Option(1, min=1, help="Cells trained at once, each in its own process"),
     tracking_uri: str | None = typer.Option(None, help="Tracking URI (default: experiment / base pipeline / "
-                                            "sqlite under the experiment output folder)"),
+                                            "$MLFLOW_TRACKING_URI / sqlite under the experiment output folder)"),
     plan: bool = typer.Option(False, "--plan", help="Create the parent run, list cells with ids and status; "
                               "train nothing (run once before starting workers on other machines)"),
     report_only: bool = typer.Option(False, "--report-only", help="Rebuild the report from finished cells"),

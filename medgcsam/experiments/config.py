@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from medgcsam.config import ConfigError, PipelineConfig, apply_overrides, load_yaml, read_mapping, validated
+from medgcsam.metrics import defined
 
 from .presets import PRESETS
 
@@ -68,7 +69,7 @@ class SelectionConfig(_Strict):
         if v.startswith(("val/", "test/")):
             raise ValueError(f"{v!r} is logged by the end-of-training evaluation, which CV cells skip; select on a "
                              f"per-epoch curve such as {'val_epoch/' + v.split('/', 1)[1]!r}")
-        return v
+        return _defined(v)
 
 
 class ReportConfig(_Strict):
@@ -93,6 +94,13 @@ class ReportConfig(_Strict):
         "evaluation/predictions_test.csv", description="Per-image test predictions (path|row, label, argmax_label)")
     landscape_points: int = Field(0, ge=0, description="1-D loss-landscape points per final cell (0: none)")
     landscape_artifact: str = "landscape/landscape_1d.npz"
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics_defined(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v.values():
+            _defined(key)
+        return v
 
     @model_validator(mode="after")
     def _primary_known(self) -> ReportConfig:
@@ -222,3 +230,11 @@ def build_pipeline(base_raw: dict[str, Any], overrides: list[str], where: str) -
 
     raw = apply_overrides(copy.deepcopy(base_raw), overrides)
     return validated(PipelineConfig, raw, f"{where}: invalid pipeline after overrides {overrides}")
+
+
+def _defined(key: str) -> str:
+    """A classification metric key must be one ``medgcsam.metrics`` defines (a typo would report nothing)."""
+    if not defined(key):
+        raise ValueError(f"{key!r} is not a metric medgcsam logs; see medgcsam/metrics.py (e.g. "
+                         f"val_epoch/balanced_accuracy, test/auroc_macro, test/sensitivity/<class>, test/op/ppv)")
+    return key

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 
@@ -19,29 +20,41 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow.entities import Run  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
 
 from medgcsam.tracking.figures import save_png  # noqa: E402
 
 from .config import ExperimentConfig  # noqa: E402
+from .records import TAG_CELL_INFO, TIME_PER_EPOCH, TIME_TO_BEST  # noqa: E402
 from .selection import CandidateResult  # noqa: E402
 from .stats import mcnemar_exact, paired_comparison, summarize  # noqa: E402
 
-if TYPE_CHECKING:
-    from .grid import Cell
-    from .runner import Experiment
+
+@dataclass
+class ReportSource:
+    """What the report reads: the results table of the planned cells (``collect``), the CV selection, and the
+    store holding the cells' curves and artifacts, whose parent run the report is logged to."""
+
+    config: ExperimentConfig
+    cells: pd.DataFrame
+    selection: dict[str, list[CandidateResult]] | None
+    client: MlflowClient
+    parent_run_id: str
+    output_dir: Path
+    experiment_file: str
+    overrides: list[str]
+    tracking_uri: str
+    finished: int
+    planned: int
 
 TIME_LABELS = {"time per epoch vs reference": "cell/time_per_epoch_s", "time to best val (s)": "cell/time_to_best_s"}
 
 
-def collect(exp: Experiment, finished: dict[str, Run], plan: list[Cell] | None = None) -> pd.DataFrame:
-    """One row per finished cell of the reported stage (grid, or final after selection) in ``plan``
-    (default: the experiment's current plan)."""
-    from .runner import TAG_CELL_INFO, TIME_PER_EPOCH, TIME_TO_BEST
-
-    stage = "final" if exp.config.selection is not None else "grid"
-    # only the cells of the current plan: a cell whose definition changed since (another value, a newly
-    # chosen candidate) keeps its finished run in the store, and must not count as an extra seed
-    planned = {c.id for c in (exp.plan(finished) if plan is None else plan)}
+def collect(cfg: ExperimentConfig, finished: dict[str, Run], planned: set[str]) -> pd.DataFrame:
+    """One row per finished cell of the reported stage (grid, or final after selection) among the ``planned``
+    cell ids: a cell whose definition changed since (another value, a newly chosen candidate) keeps its finished
+    run in the store, and must not count as an extra seed."""
+    stage = "final" if cfg.selection is not None else "grid"
     rows = []
     for cell_id, run in finished.items():
         info = json.loads(run.data.tags.get(TAG_CELL_INFO, "{}"))
@@ -50,13 +63,13 @@ def collect(exp: Experiment, finished: dict[str, Run], plan: list[Cell] | None =
         row: dict[str, Any] = {"cell_id": cell_id, "run_id": run.info.run_id, "method": info["method"],
                                "axis_values": json.dumps(info.get("axes", {}), sort_keys=True), "seed": info["seed"],
                                "group": group_label(info["method"], info.get("axes", {}))}
-        for label, key in exp.config.report.metrics.items():
+        for label, key in cfg.report.metrics.items():
             row[label] = run.data.metrics.get(key, math.nan)
         row["time_per_epoch"] = run.data.metrics.get(TIME_PER_EPOCH, math.nan)
         row["time_to_best"] = run.data.metrics.get(TIME_TO_BEST, math.nan)
         row["start_ms"], row["end_ms"] = run.info.start_time, run.info.end_time
         rows.append(row)
-    columns = ["cell_id", "run_id", "method", "axis_values", "seed", "group", *exp.config.report.metrics,
+    columns = ["cell_id", "run_id", "method", "axis_values", "seed", "group", *cfg.report.metrics,
                "time_per_epoch", "time_to_best", "start_ms", "end_ms"]
     return pd.DataFrame(rows, columns=columns)
 
@@ -162,16 +175,16 @@ def _mcnemar_cell(df: pd.DataFrame, g: pd.DataFrame, axes: str, seeds: list[int]
     return "; ".join(parts)
 
 
-def load_predictions(exp: Experiment, df: pd.DataFrame) -> dict[str, pd.Series]:
+def load_predictions(src: ReportSource, df: pd.DataFrame) -> dict[str, pd.Series]:
     """Per-run boolean correctness on the test images, indexed by image id (path, else row number)."""
-    artifact = exp.config.report.predictions_artifact
+    artifact = src.config.report.predictions_artifact
     if not artifact:
         return {}
     out: dict[str, pd.Series] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for run_id in df.run_id:
             try:
-                local = exp.client.download_artifacts(run_id, artifact, tmp)
+                local = src.client.download_artifacts(run_id, artifact, tmp)
             except Exception:  # the run logged no predictions: McNemar is skipped for it
                 continue
             table = pd.read_csv(local)
@@ -255,15 +268,15 @@ def rho_figure(df: pd.DataFrame, cfg: ExperimentConfig, out: Path) -> Path | Non
     return save_png(fig, out / "rho_sensitivity.png")
 
 
-def grad_norm_figures(exp: Experiment, df: pd.DataFrame, out: Path) -> list[Path]:
+def grad_norm_figures(src: ReportSource, df: pd.DataFrame, out: Path) -> list[Path]:
     """Gradient-norm traces per step (first seed) and per epoch (mean of the epoch's steps, mean over seeds)."""
-    key = exp.config.report.grad_norm_key
+    key = src.config.report.grad_norm_key
     traces: dict[str, list[tuple[np.ndarray, int]]] = {}
     for group, g in df.groupby("group", sort=False):
         for run_id in g.sort_values("seed").run_id:
-            hist = sorted((m.step, m.value) for m in exp.client.get_metric_history(run_id, key))
+            hist = sorted((m.step, m.value) for m in src.client.get_metric_history(run_id, key))
             if hist:
-                epochs = len(exp.client.get_metric_history(run_id, "epoch_time_s")) or 1
+                epochs = len(src.client.get_metric_history(run_id, "epoch_time_s")) or 1
                 traces.setdefault(group, []).append((np.array(hist, dtype=float), epochs))
     if not traces:
         return []
@@ -293,9 +306,9 @@ def _epoch_means(trace: np.ndarray, epochs: int) -> np.ndarray:
     return np.array([trace[index == e, 1].mean() for e in range(index.max() + 1)])
 
 
-def landscape_figure(exp: Experiment, df: pd.DataFrame, out: Path) -> Path | None:
+def landscape_figure(src: ReportSource, df: pd.DataFrame, out: Path) -> Path | None:
     """1-D loss landscapes (``alphas``, ``loss`` arrays) of the first seed of each group."""
-    if exp.config.report.landscape_points <= 0 or df.empty:
+    if src.config.report.landscape_points <= 0 or df.empty:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4))
     drawn = False
@@ -303,7 +316,7 @@ def landscape_figure(exp: Experiment, df: pd.DataFrame, out: Path) -> Path | Non
         for group, g in df.groupby("group", sort=False):
             run_id = g.sort_values("seed").run_id.iloc[0]
             try:
-                local = exp.client.download_artifacts(run_id, exp.config.report.landscape_artifact, tmp)
+                local = src.client.download_artifacts(run_id, src.config.report.landscape_artifact, tmp)
             except Exception:  # no landscape logged for this run
                 continue
             with np.load(local) as data:
@@ -320,26 +333,22 @@ def landscape_figure(exp: Experiment, df: pd.DataFrame, out: Path) -> Path | Non
 
 # ---- the report --------------------------------------------------------------------------------
 
-def write_report(exp: Experiment, finished: dict[str, Run]) -> Path:
+def write_report(src: ReportSource) -> Path:
     """Write report.md, cells.csv and PNGs under <output_dir>/report and log them to the parent run."""
-    out = exp.output_dir / "report"
+    out = src.output_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    cfg = exp.config
-    plan = exp.plan(finished)
-    df = collect(exp, finished, plan)
+    cfg, df = src.config, src.cells
     df.to_csv(out / "cells.csv", index=False)
     lines = [f"# Experiment `{cfg.name}`", "", cfg.description, "",
-             f"- experiment file: `{exp.path.name}`; overrides: `{exp.overrides}`",
-             f"- parent MLflow run: `{exp.parent_run_id()}` in `{exp.tracking_uri}`",
-             f"- cells finished: {sum(c.id in finished for c in plan)} of {len(plan)} planned"
+             f"- experiment file: `{src.experiment_file}`; overrides: `{src.overrides}`",
+             f"- parent MLflow run: `{src.parent_run_id}` in `{src.tracking_uri}`",
+             f"- cells finished: {src.finished} of {src.planned} planned"
              f"{' (final fits are planned once the CV is complete)' if cfg.selection else ''}",
              f"- intervals: two-sided {cfg.report.confidence:.0%} t-intervals over seeds (mean ± SD [low, high]); "
              "paired p-values: exact sign-flip permutation over seeds (with 3 seeds the smallest possible is 0.25)",
              ""]
-    if cfg.selection is not None:
-        table = exp.selection_table(finished)
-        if table is not None:
-            lines += [selection_markdown(cfg, table), ""]
+    if src.selection is not None:
+        lines += [selection_markdown(cfg, src.selection), ""]
     if df.empty:
         lines += ["No finished cells to report yet."]
     else:
@@ -356,17 +365,17 @@ def write_report(exp: Experiment, finished: dict[str, Run]) -> Path:
                       "machine.", ""]
         if missing:
             lines += [f"Not logged by any cell (left out): {', '.join(missing)}.", ""]
-        paired = paired_table(df, cfg, load_predictions(exp, df))
+        paired = paired_table(df, cfg, load_predictions(src, df))
         if not paired.empty:
             lines += [f"## Paired comparisons on {cfg.report.primary} (method minus baseline, same seeds, same test "
                       "images)", "", markdown_table(paired, list(paired.columns)), "",
                       "McNemar per seed: images only the method gets right / only the baseline gets right, exact "
                       "binomial p.", ""]
-        figures = [p for p in (rho_figure(df, cfg, out), *grad_norm_figures(exp, df, out),
-                               landscape_figure(exp, df, out)) if p is not None]
+        figures = [p for p in (rho_figure(df, cfg, out), *grad_norm_figures(src, df, out),
+                               landscape_figure(src, df, out)) if p is not None]
         if figures:
             lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""]
     text = "\n".join(lines)
     (out / "report.md").write_text(text, encoding="utf-8")
-    exp.client.log_artifacts(exp.parent_run_id(), str(out), "report")
+    src.client.log_artifacts(src.parent_run_id, str(out), "report")
     return out / "report.md"

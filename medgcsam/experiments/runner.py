@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
@@ -30,25 +30,30 @@ from mlflow.tracking import MlflowClient
 from medgcsam.config import ConfigError, PipelineConfig
 from medgcsam.data.manifest import ManifestError, included, read_manifest
 from medgcsam.optim import check_hyperparameters
-from medgcsam.tracking.uri import ensure_experiment, ensure_reachable
+from medgcsam.tracking.uri import choose_tracking_uri, ensure_experiment, ensure_reachable
 
 from .analysis import analyse_cell
 from .config import ExperimentConfig, build_pipeline, load_experiment
 from .grid import Cell, candidates, cv_cells, final_cells, grid_cells, group_key, groups, method_settings
+from .records import (
+    BEST_EPOCH,
+    TAG_BASE,
+    TAG_CELL,
+    TAG_CELL_INFO,
+    TAG_EXPERIMENT,
+    TAG_ROLE,
+    TAG_SUPERSEDED,
+    TIME_PER_EPOCH,
+    TIME_TO_BEST,
+    WALL_TIME,
+)
 from .selection import CandidateResult, select, simplicity_key
+
+if TYPE_CHECKING:
+    from .report import ReportSource
 
 log = logging.getLogger(__name__)
 
-TAG_ROLE = "medgcsam.role"
-TAG_EXPERIMENT = "medgcsam.experiment"
-TAG_CELL = "medgcsam.cell_id"
-TAG_CELL_INFO = "medgcsam.cell"  # JSON: stage, method, settings, axes, seed, fold, candidate
-TAG_SUPERSEDED = "medgcsam.superseded_by"  # on a killed attempt of a cell: the run that finished it
-TAG_BASE = "medgcsam.base"  # fingerprint of the base pipeline (+ experiment overrides) the cell trained on
-TIME_PER_EPOCH = "cell/time_per_epoch_s"
-TIME_TO_BEST = "cell/time_to_best_s"
-WALL_TIME = "cell/wall_time_s"
-BEST_EPOCH = "cell/best_epoch"
 
 
 class ExperimentError(RuntimeError):
@@ -77,8 +82,8 @@ class Experiment:
         self.config, self.base_raw = load_experiment(self.path, self.overrides)
         base = build_pipeline(self.base_raw, self.config.overrides, f"{self.path} (base pipeline + overrides)")
         self.output_dir = (self.config.output_dir or Path(base.output_dir) / "experiments" / self.config.name).resolve()
-        self.tracking_uri = (tracking_uri or self.config.tracking_uri or base.tracking.uri
-                             or f"sqlite:///{self.output_dir / 'mlflow.db'}")
+        self.tracking_uri = choose_tracking_uri(tracking_uri, self.config.tracking_uri, base.tracking.uri,
+                                                output_dir=self.output_dir)
         self._tracking_override = tracking_uri
         self._base = base
         self.base_fingerprint = fingerprint(base)
@@ -382,9 +387,9 @@ class Experiment:
         summary.pending = [c.id for c in self.plan(finished) if c.id not in finished]
         self._supersede({run.info.run_name: run.info.run_id for run in finished.values()})
         if report:
-            from .report import write_report
+            from .report import write_report  # matplotlib, only when a report is written
 
-            summary.report = write_report(self, finished)
+            summary.report = write_report(self.report_source(finished))
         if not summary.pending and not summary.failed:
             self.client.set_terminated(summary.parent_run_id, "FINISHED")
         _raise_if_failed(summary)
@@ -393,6 +398,17 @@ class Experiment:
     def _run_stage(self, cells: list[Cell], finished: dict[str, Run], workers: int, summary: RunSummary) -> None:
         summary.skipped += [c.id for c in cells if c.id in finished]
         self._run_cells([c for c in cells if c.id not in finished], workers, summary)
+
+    def report_source(self, finished: dict[str, Run]) -> ReportSource:
+        """The results table of the cells in the current plan, and where the report goes."""
+        from .report import ReportSource, collect
+
+        plan = self.plan(finished)
+        return ReportSource(
+            config=self.config, cells=collect(self.config, finished, {c.id for c in plan}),
+            selection=self.selection_table(finished), client=self.client, parent_run_id=self.parent_run_id(),
+            output_dir=self.output_dir, experiment_file=self.path.name, overrides=self.overrides,
+            tracking_uri=self.tracking_uri, finished=sum(c.id in finished for c in plan), planned=len(plan))
 
     def _log_selection(self, table: dict[str, list[CandidateResult]]) -> None:
         from .report import selection_markdown

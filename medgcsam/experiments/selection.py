@@ -27,7 +27,10 @@ from .stats import pooled_sd
 
 
 def simplicity_key(settings: dict[str, Any], preset: dict[str, Any], order: int) -> tuple[int, int, float, int]:
-    passes = PASSES.get(str(settings.get("optimizer.name")), 2)
+    method = str(settings.get("optimizer.name"))
+    if method not in PASSES:  # its cost is unknown, so "simpler" cannot be decided
+        raise ValueError(f"optimizer.name {method!r} is not a registered optimizer ({sorted(PASSES)})")
+    passes = PASSES[method]
     changed = [k for k in settings if k not in preset or settings[k] != preset[k]]
     distance = 0.0
     for k in changed:

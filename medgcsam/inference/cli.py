@@ -10,23 +10,18 @@ from __future__ import annotations
 import traceback
 from pathlib import Path
 
-import torch
 import typer
 
+from medgcsam.devices import DeviceError, resolve_device
 from medgcsam.inference.package import MODEL_REFERENCE_HELP, ModelLoadError, load_classifier_with_ood
 from medgcsam.inference.predict import EXIT_CRASHED, EXIT_USAGE, PredictionError, partial_path, predict
 
 
 def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PredictionError(f"--device {device}: no CUDA device is visible here; use --device cpu")
     try:
-        torch.device(device)
-    except RuntimeError as exc:
-        raise PredictionError(f"--device {device!r} is not a device ({exc}); use auto, cpu, cuda or cuda:N") from None
-    return device
+        return str(resolve_device(device, what="--device"))
+    except DeviceError as exc:
+        raise PredictionError(str(exc)) from None
 
 
 def predict_command(

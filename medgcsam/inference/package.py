@@ -31,7 +31,7 @@ from torch import nn
 from medgcsam.data.io import read_image
 from medgcsam.files import pause_point
 from medgcsam.inference import pyfunc
-from medgcsam.models.factory import create_model, load_state_dict_file
+from medgcsam.models.factory import ModelLoadError, build_classifier, load_state_dict_file
 from medgcsam.models.ood import OOD_FILE, OODStats, load_ood, save_ood
 from medgcsam.models.spec import ModelSpec
 from medgcsam.tracking.uri import http_unreachable
@@ -46,10 +46,6 @@ METADATA_KEY = "medgcsam_spec"
 URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/", "file:/")
 MODEL_REFERENCE_HELP = ("models:/name@alias, models:/name/3, models:/m-<id>, runs:/<id>/model, "
                         "a downloaded MLflow model folder, or a checkpoint .pt file")
-
-
-class ModelLoadError(RuntimeError):
-    """A model reference that cannot be turned into a classifier; the message says which and why."""
 
 
 def log_classifier(
@@ -172,21 +168,6 @@ def load_classifier_with_ood(uri_or_path: str | Path, *,
         else:
             raise ModelLoadError(f"model {ref!r} is neither an existing file/folder nor a models:/ or runs:/ URI")
     return build_classifier(spec, state, source=ref).to(device), spec, ood
-
-
-def build_classifier(spec: ModelSpec, state_dict: dict[str, torch.Tensor], *, source: str = "") -> nn.Module:
-    """The timm model the spec describes, with ``state_dict`` loaded strictly, in eval mode."""
-    try:
-        model = create_model(spec.backbone, spec.num_classes, in_chans=spec.in_chans,
-                             image_size=spec.preprocessing.image_size)
-    except ValueError as exc:  # e.g. a backbone this timm version does not have
-        raise ModelLoadError(f"{source}: {exc}") from exc
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"{source}: weights do not fit backbone {spec.backbone!r} with "
-                             f"{spec.num_classes} classes: {exc}") from exc
-    return model.eval()
 
 
 def _download_model_files(ref: str, dst: Path) -> Path:

@@ -31,7 +31,7 @@ from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec
 from medgcsam.data.datasets import BatchInputs
 from medgcsam.evaluation.calibration import softmax
 from medgcsam.inference.predict import ImageLoader, forward_logits
-from medgcsam.models.factory import load_state_dict_file
+from medgcsam.models.factory import build_classifier, load_state_dict_file
 from medgcsam.models.ood import OODStats, load_ood
 from medgcsam.models.spec import ModelSpec, decide
 
@@ -69,8 +69,6 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     """Rebuilds the classifier from the logged state dict and spec (weights-only) and answers per image."""
 
     def load_context(self, context) -> None:
-        from medgcsam.inference.package import build_classifier  # package imports this module to log it
-
         self.spec = ModelSpec.model_validate_json(Path(context.artifacts["spec"]).read_text(encoding="utf-8"))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         state = load_state_dict_file(Path(context.artifacts["state_dict"]))

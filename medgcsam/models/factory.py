@@ -10,6 +10,8 @@ import timm
 import torch
 from torch import nn
 
+from medgcsam.models.spec import ModelSpec
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Short names used in pipelines; any other timm name passes through unchanged.
@@ -128,3 +130,22 @@ def input_spec(model: nn.Module, image_size: int | None = None, channels: int | 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights-only load: a checkpoint from elsewhere can never run code here."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class ModelLoadError(RuntimeError):
+    """A model reference that cannot be turned into a classifier; the message says which and why."""
+
+
+def build_classifier(spec: ModelSpec, state_dict: dict[str, torch.Tensor], *, source: str = "") -> nn.Module:
+    """The timm model the spec describes, with ``state_dict`` loaded strictly, in eval mode."""
+    try:
+        model = create_model(spec.backbone, spec.num_classes, in_chans=spec.in_chans,
+                             image_size=spec.preprocessing.image_size)
+    except ValueError as exc:  # e.g. a backbone this timm version does not have
+        raise ModelLoadError(f"{source}: {exc}") from exc
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"{source}: weights do not fit backbone {spec.backbone!r} with "
+                             f"{spec.num_classes} classes: {exc}") from exc
+    return model.eval()

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .registry import register
+
 BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
@@ -430,3 +432,9 @@ class Plain(WrappedOptimizer):
     """adam / adamw / sgd: the base optimizer alone, in the common interface."""
 
     name = "plain"
+
+
+for _base in ("adam", "adamw", "sgd"):
+    register(_base, Plain, memory="0",
+             description=f"the base optimizer `torch.optim.{BASE_OPTIMIZERS[_base].__name__}` alone "
+             "(base keywords: `lr=1e-4`, `weight_decay=0`, `betas`, `momentum`, `fused`, ...)")

@@ -1,4 +1,4 @@
-"""The optimizer registry and its one factory: a name, the parameters, a base, hyperparameters."""
+"""The one optimizer factory: a registered name (``registry.OPTIMIZERS``), the parameters, a base, hyperparameters."""
 
 from __future__ import annotations
 
@@ -7,33 +7,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core import BASE_OPTIMIZERS, Plain, WrappedOptimizer, base_keywords, build_base, resolve_base_class
-from .gc_adam import GCAdam
-from .msam import MSAM
-from .sam import ASAM, CRSAM, GCSAM, GSAM, SAM, WSAM
-
-OPTIMIZERS: dict[str, type[WrappedOptimizer]] = {
-    "adam": Plain,
-    "adamw": Plain,
-    "sgd": Plain,
-    "gc_adam": GCAdam,
-    "sam": SAM,
-    "asam": ASAM,
-    "gsam": GSAM,
-    "wsam": WSAM,
-    "crsam": CRSAM,
-    "msam": MSAM,
-    "gcsam": GCSAM,
-}
+from .core import BASE_OPTIMIZERS, WrappedOptimizer, base_keywords, build_base, resolve_base_class
+from .registry import optimizer_record
 
 DEFAULT_LR = 1e-4  # the GCSAM script's Adam learning rate; also the pipeline default
 
 
 def _method(name: str) -> type[WrappedOptimizer]:
-    key = name.lower()
-    if key not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; use one of {sorted(OPTIMIZERS)}")
-    return OPTIMIZERS[key]
+    return optimizer_record(name).cls
 
 
 def _split(name: str, base: Any, hyperparameters: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

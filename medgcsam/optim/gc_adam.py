@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .core import WrappedOptimizer, sq_norm
 from .gc import GC_TARGETS, gc_mask, slice_dims
+from .registry import register
 
 
 class GCAdam(WrappedOptimizer):
@@ -64,3 +65,8 @@ class GCAdam(WrappedOptimizer):
         for i, u in zip(self._updated, before, strict=True):
             self.params[i].add_(u.mean(dim=slice_dims(u), keepdim=True))  # w_new + mean(u) = w_old - GC(u)
         self._updated = []
+
+
+register("gc_adam", GCAdam, memory="N for `update` GC-targeted tensors, 0 for `grad`",
+         description="gradient centralization on a one-pass base; defaults: the GC authors' `algorithm-GC` Adam "
+         "(`gc_loc=False`)")

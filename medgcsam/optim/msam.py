@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .core import WrappedOptimizer, axpy_, sq_norm
+from .registry import register
 
 
 class MSAM(WrappedOptimizer):
@@ -115,3 +116,8 @@ class MSAM(WrappedOptimizer):
         self.factors = {int(g): f.to(self.device) for g, f in extra["factors"].items()}
         if extra["perturbed"]:
             self._perturb(recompute=False)
+
+
+register("msam", MSAM, memory="N (clean weights)",
+         description="momentum-SAM; `rho=None` is 0.3 with SGD, 1.0 with Adam/AdamW (the official MSAM / "
+         "AdamW_MSAM classes)")

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .core import Bucket, WrappedOptimizer, all_reduce_mean_, axpy_, sq_norm
 from .gc import GC_TARGETS, SliceMeanEMA, centralize_, gc_mask, slice_dims
+from .registry import register
 
 
 class SharpnessAware(WrappedOptimizer):
@@ -408,3 +409,19 @@ class CRSAM(SharpnessAware):
             torch._foreach_mul_(gm, gamma - beta)
             torch._foreach_add_(gm, self.buffers("g_plus", idx), alpha=1.0 + gamma + beta)
             torch._foreach_add_(gm, self.buffers("g0", idx), alpha=-2.0 * gamma)
+
+
+register("sam", SAM, memory="N (weight backup)", preset={"rho": 0.05},
+         description="Foret et al.; the davda54/sam default radius")
+register("asam", ASAM, memory="N", preset={"rho": 0.5, "eta": 0.01},
+         description="SamsungLabs/ASAM class defaults (rho about 10x SAM's)")
+register("gsam", GSAM, memory="2N (backup, g0)", preset={"rho": 0.05, "alpha": 0.4},
+         description="constant radius 0.05 (SAM's; the port's 2.0 is for adaptive mode) and the PyTorch ports' "
+         "surrogate-gap weight alpha 0.4")
+register("wsam", WSAM, memory="3N decoupled (backup, g0, sharpness term), 2N coupled",
+         preset={"rho": 0.05, "gamma": 0.9},
+         description="the official class radius and the WSAM README's gamma")
+register("crsam", CRSAM, memory="3N (backup, g0, g+)", preset={"rho": 0.1, "gamma": 0.1, "beta": 0.01},
+         description="the official CR-SAM training script's values")
+register("gcsam", GCSAM, memory="N", preset={"rho": 0.05},
+         description="the GCSAM paper / authors' script (Adam, lr 1e-4, rho 0.05); GC on the ascent only")

@@ -11,7 +11,8 @@ from pathlib import Path
 import mlflow
 import typer
 
-from medgcsam.evaluation.cli import bundle_for, load_for_cli, model_run
+from medgcsam.evaluation.cli import usage_errors
+from medgcsam.evaluation.loading import bundle_for, load_model, model_run
 from medgcsam.inference.package import MODEL_REFERENCE_HELP
 from medgcsam.sharpness.compute import compute_landscape, compute_sharpness, log_sharpness
 
@@ -25,9 +26,10 @@ def sharpness_command(
     tracking_uri: str | None = typer.Option(None, "--tracking-uri"),
 ) -> None:
     """Top Hessian eigenvalues (Lanczos, residual-certified), Hutchinson trace +- s.e., SLQ density."""
-    loaded = load_for_cli(model, pipeline, overrides or [], tracking_uri)
+    with usage_errors():
+        loaded = load_model(model, pipeline, overrides or [], tracking_uri)
+        bundle = bundle_for(loaded)
     out_dir = output or Path(loaded.cfg.output_dir) / "sharpness"
-    bundle = bundle_for(loaded)
     metrics = compute_sharpness(loaded.model, bundle.train.without_augmentation(), loaded.cfg.sharpness,
                                 loaded.device, out_dir)
     with model_run(loaded, "sharpness") as run_id:
@@ -54,9 +56,10 @@ def landscape_command(
     tracking_uri: str | None = typer.Option(None, "--tracking-uri"),
 ) -> None:
     """1-D and 2-D loss surfaces along filter-normalized random directions; weights restored exactly."""
-    loaded = load_for_cli(model, pipeline, overrides or [], tracking_uri)
+    with usage_errors():
+        loaded = load_model(model, pipeline, overrides or [], tracking_uri)
+        bundle = bundle_for(loaded)
     out_dir = output or Path(loaded.cfg.output_dir) / "landscape"
-    bundle = bundle_for(loaded)
     sc = loaded.cfg.sharpness
     results = compute_landscape(loaded.model, bundle.train.without_augmentation(), out_dir, n_samples=sc.n_samples,
                                 batch_size=sc.batch_size, points=points, span=span, two_d=two_d, seed=sc.seed,

@@ -34,10 +34,16 @@ class TrackingError(RuntimeError):
 def resolve_tracking_uri(cfg: PipelineConfig, override: str | None = None) -> str:
     """``override`` > ``tracking.uri`` > ``$MLFLOW_TRACKING_URI`` at process start >
     ``sqlite:///<output_dir>/mlflow.db`` (absolute, so cwd never matters)."""
-    uri = override or cfg.tracking.uri or _STARTUP_TRACKING_URI
+    return choose_tracking_uri(override, cfg.tracking.uri, output_dir=Path(cfg.output_dir))
+
+
+def choose_tracking_uri(*given: str | None, output_dir: Path) -> str:
+    """The one resolution of every command: the first URI ``given`` (command line, then files, most specific
+    first), else ``$MLFLOW_TRACKING_URI`` at process start, else ``sqlite:///<output_dir>/mlflow.db`` (absolute)."""
+    uri = next((u for u in given if u), None) or _STARTUP_TRACKING_URI
     if uri:
         return uri
-    return f"sqlite:///{(Path(cfg.output_dir) / 'mlflow.db').resolve()}"
+    return f"sqlite:///{(output_dir / 'mlflow.db').resolve()}"
 
 
 def artifact_location(cfg: PipelineConfig, uri: str) -> str | None:

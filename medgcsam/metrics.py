@@ -1,8 +1,10 @@
-"""Clinical metrics on fixed predictions: counts beside every ratio, discrimination, calibration.
+"""The one definition of every classification metric: the training loop's monitor (``val_epoch/``), the clinical
+evaluation and report, external validation and the experiment reports all compute and name them here.
 
 Everything here is a pure NumPy function of (labels, probabilities) so it can be checked against
 scikit-learn and reused inside the bootstrap without re-running the model. Undefined ratios
-(0/0) are NaN, never 0: a class with no positives has no sensitivity, and saying 0 would lie.
+(0/0) are NaN, never 0: a class with no positives has no sensitivity, and saying 0 would lie. Model selection
+uses the same convention: an epoch whose monitored figure is NaN selects nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +14,35 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import rankdata
+
+# The names of the figures, in report order.
+RATIOS = ("sensitivity", "specificity", "ppv", "npv", "f1")  # per class (one-vs-rest) and at the operating point
+RANKING = ("auroc", "pr_auc")  # per class, threshold-free
+SUMMARY = ("accuracy", "balanced_accuracy", "auroc_macro", "pr_auc_macro", "ece", "brier", "nll")  # per split
+BY_SOURCE = ("accuracy", "balanced_accuracy", "auroc_macro")  # per data source within a split
+MONITOR = ("loss", "accuracy", "balanced_accuracy", "auroc")  # per epoch on validation (``monitor``, + the loss)
+MONITOR_PER_CLASS = ("precision", "sensitivity", "f1", "support")
+LABELS = {"ppv": "PPV", "npv": "NPV", "f1": "F1", "auroc": "AUROC", "pr_auc": "PR-AUC", "auroc_macro": "AUROC macro",
+          "balanced_accuracy": "balanced accuracy"}  # how a report heads a column; others as named
+
+
+def label(name: str) -> str:
+    return LABELS.get(name, name)
+
+
+def defined(key: str) -> bool:
+    """Whether an MLflow metric key names a figure defined here: ``val_epoch/<monitor>[/<class>]`` per epoch,
+    ``<split>/<summary>``, ``<split>/<ratio or ranking>/<class>``, ``<split>/op/<ratio>`` from the evaluation.
+    Other keys (``hessian_top_eig``, ``train/...``) are not classification metrics and are not judged."""
+    split, _, rest = key.partition("/")
+    name, _, tail = rest.partition("/")
+    if split == "val_epoch":
+        return (name in MONITOR and not tail) or (name in MONITOR_PER_CLASS and bool(tail))
+    if split not in ("val", "test", "external"):
+        return True
+    if name == "op":
+        return tail in RATIOS
+    return (name in SUMMARY and not tail) or (name in RATIOS + RANKING and bool(tail)) or rest == "ece_calibrated"
 
 
 def _ratio(num: float, den: float) -> float:
@@ -48,7 +79,7 @@ def _ratios_from_counts(tp: int, fn: int, fp: int, tn: int) -> dict[str, float]:
         "ppv": _ratio(tp, tp + fp),
         "npv": _ratio(tn, tn + fn),
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
-    }
+    }  # the keys of RATIOS
 
 
 def per_class(cm: np.ndarray, class_names: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -144,7 +175,7 @@ def headline(probs: np.ndarray, y: np.ndarray, class_names: Sequence[str], n_bin
     pc = per_class(cm, class_names)
     out["balanced_accuracy"] = _macro([pc[c]["sensitivity"] for c in class_names], present)
     for c in class_names:
-        for key in ("sensitivity", "specificity", "ppv", "npv", "f1"):
+        for key in RATIOS:
             out[f"{key}/{c}"] = pc[c][key]
     aurocs = [auroc(y == i, probs[:, i]) for i in range(k)]
     aps = [average_precision(y == i, probs[:, i]) for i in range(k)]
@@ -160,8 +191,30 @@ def headline(probs: np.ndarray, y: np.ndarray, class_names: Sequence[str], n_bin
     if threshold is not None:
         pos, value = threshold
         op = binary_counts(probs[:, pos] >= value, y == pos)
-        for key in ("sensitivity", "specificity", "ppv", "npv", "f1"):
+        for key in RATIOS:
             out[f"op/{key}"] = op[key]
+    return out
+
+
+def monitor(probs: np.ndarray, y: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
+    """The figures the training loop logs per epoch on validation and selects the kept epoch by: accuracy,
+    balanced accuracy (over the classes present, as ``headline``), macro AUROC over every class (NaN when one is
+    missing from the split or the probabilities are not finite: that epoch selects nothing) and per class
+    precision (PPV), sensitivity, F1 (NaN for 0/0) and support."""
+    k = len(class_names)
+    check_predictions(probs, y, class_names)
+    cm = confusion(y, probs.argmax(axis=1), k)
+    pc = per_class(cm, class_names)
+    finite = bool(np.isfinite(probs).all())
+    aurocs = [auroc(y == i, probs[:, i]) if finite else float("nan") for i in range(k)]
+    out = {"accuracy": _ratio(np.trace(cm), cm.sum()),
+           "balanced_accuracy": _macro([pc[c]["sensitivity"] for c in class_names], np.unique(y)),
+           "auroc": _macro(aurocs, np.arange(k))}
+    for i, c in enumerate(class_names):
+        out[f"precision/{c}"] = pc[c]["ppv"]
+        out[f"sensitivity/{c}"] = pc[c]["sensitivity"]
+        out[f"f1/{c}"] = pc[c]["f1"]
+        out[f"support/{c}"] = float(cm[i].sum())
     return out
 
 

@@ -146,6 +146,14 @@ def load_best(directory: Path, last: dict[str, Any]) -> tuple[dict[str, torch.Te
                           f"matching {BEST}, or start a new run without --resume")
 
 
+def update_checkpoint(path: str | Path, **fields: Any) -> Path:
+    """Set ``fields`` in the checkpoint at ``path`` and write it back atomically (the model card and OOD
+    statistics that stages after training add to ``best.pt``, a threshold that ``evaluate`` stores)."""
+    state = load_checkpoint(path)
+    state.update(fields)
+    return save_checkpoint(path, state)
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
