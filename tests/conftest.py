@@ -12,6 +12,7 @@ _MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 # tracking server the developer's shell happens to point at.
 for _name in _MLFLOW_URI_VARIABLES:
     os.environ.pop(_name, None)
+os.environ.pop("RAY_ADDRESS", None)  # likewise: the experiment runner would submit the suite's cells to that cluster
 
 
 @pytest.fixture(autouse=True)
@@ -24,3 +25,16 @@ def _isolated_mlflow_uri_variables():
         os.environ.pop(name, None)
         if value is not None:
             os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One small local Ray instance for a module's in-process runners (they join it instead of starting their own,
+    which costs seconds each); its workers inherit this process's environment (PYTHONPATH, HF_HUB_OFFLINE)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, object_store_memory=100 * 2**20)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -22,6 +22,7 @@ from medgcsam.experiments.runner import TAG_CELL, TAG_SUPERSEDED
 from medgcsam.tracking.uri import TrackingError
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("local_ray")  # the in-process runners share one local Ray instance
 
 
 @pytest.fixture(scope="module")
