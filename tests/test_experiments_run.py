@@ -10,10 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 from medgcsam.config import ConfigError
 from medgcsam.experiments import CandidateResult, Experiment, ExperimentError, cv_cells, select, simplicity_key
@@ -23,23 +21,6 @@ from medgcsam.tracking.uri import TrackingError
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("local_ray")  # the in-process runners share one local Ray instance
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """24 grey PNGs, two classes told apart by brightness; 6 test images, train split in 2 folds."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    rows = ["path,label,split,fold"]
-    for label, level in (("benign", 70), ("malignant", 170)):
-        (root / label).mkdir()
-        for i in range(12):
-            Image.fromarray(np.clip(rng.normal(level, 40, (32, 32)), 0, 255).astype(np.uint8)).save(
-                root / label / f"{i}.png")
-            split = "test" if i < 3 else "train"
-            rows.append(f"{label}/{i}.png,{label},{split},{i % 2 if split == 'train' else -1}")
-    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
-    return root
 
 
 def write_experiment(tmp_path: Path, data_dir: Path, exp: dict, **sections) -> Path:

@@ -165,10 +165,18 @@ class Scheduler:
             self._connect()
         queue, running = list(cells), {}
         later: dict[str, float] = {}  # cell id -> when to claim it again (two runners claimed it at once)
-        started, trained, held = time.monotonic(), 0, 0
+        started, trained, held, ended = time.monotonic(), 0, 0, False
+
+        def report() -> None:
+            log.info("%s", progress(len(cells), len(queue), len(running), held, summary, trained,
+                                    time.monotonic() - started))
+
         while queue or running:
             if len(running) < self.window():
                 held = self._fill(queue, running, later, summary)
+            if ended:  # after the refill, so that "running" counts the cells that took the ended ones' places
+                report()
+                ended = False
             if not running:  # every queued cell is held by another runner or backing off: look again soon
                 time.sleep(random.uniform(1.0, 3.0))
                 self._beat(running)
@@ -177,9 +185,9 @@ class Scheduler:
             for ref in ready:
                 trained += self._collect(ref, running.pop(ref), summary)
             self._beat(running)
-            if ready:
-                log.info("%s", progress(len(cells), len(queue), len(running), held, summary, trained,
-                                        time.monotonic() - started))
+            ended = bool(ready)
+        if ended:
+            report()
 
     def _fill(self, queue: list[Cell], running: dict[ray.ObjectRef, Cell], later: dict[str, float],
               summary: RunSummary) -> int:
