@@ -79,11 +79,11 @@ def runs_by_cell(ex: Experiment) -> dict[str, list]:
 
 
 def test_a_worker_killed_mid_cell_is_retried_and_each_cell_finishes_once(tmp_path, data_dir):
-    """Three cells, one at a time. The first cell's worker is SIGKILLed in its second epoch: Ray retries the
+    """Two cells, one at a time. The first cell's worker is SIGKILLed in its second epoch: Ray retries the
     task, which resumes the cell's own checkpoint (one run). The second cell's worker is killed after its
     checkpoints were deleted, as on a node whose cells folder is not shared: the retry trains it again from
     scratch and the dead attempt's run is marked superseded. The runner itself survives both and reports."""
-    path = write_experiment(tmp_path, data_dir, {"name": "kill", "methods": ["adam", "gcsam", "sam"], "seeds": [0]},
+    path = write_experiment(tmp_path, data_dir, {"name": "kill", "methods": ["adam", "gcsam"], "seeds": [0]},
                             train=TWO_EPOCHS)
     marker, log = tmp_path / "paused", tmp_path / "runner.log"
     runner = start_runner(path, log, env=runner_env(**{PAUSE_ENV: "replace last.pt#2",
@@ -99,7 +99,7 @@ def test_a_worker_killed_mid_cell_is_retried_and_each_cell_finishes_once(tmp_pat
         os.kill(second, signal.SIGKILL)  # the marker stays: nothing pauses any more
     finally:
         text = finish(runner, log)
-    assert "3 cells trained" in text
+    assert "2 cells trained" in text
 
     ex = Experiment(path)
     plan, finished = ex.plan(), ex.finished_runs()
@@ -114,8 +114,8 @@ def test_a_worker_killed_mid_cell_is_retried_and_each_cell_finishes_once(tmp_pat
             assert dead.info.status == "KILLED" and dead.data.tags[TAG_SUPERSEDED] == done[0].info.run_id
         attempts[cell.id] = len(mine)
     assert attempts[plan[0].id] == 1  # killed, then resumed from its checkpoint: the same run finished it
-    assert sorted(attempts.values()) == [1, 1, 2]  # the cell whose checkpoints were gone trained again
-    assert "cells finished: 3 of 3" in (ex.output_dir / "report" / "report.md").read_text()
+    assert attempts[plan[1].id] == 2  # its checkpoints gone, it trained again: the dead attempt is superseded
+    assert "cells finished: 2 of 2" in (ex.output_dir / "report" / "report.md").read_text()
 
 
 def test_two_runners_started_at_once_train_each_cell_once(tmp_path, data_dir):

@@ -1,7 +1,8 @@
-"""Orchestration with real training: nested runs, resumption, worker processes, the selection protocol.
+"""Orchestration with real training: nested runs, resumption, Ray tasks, the selection protocol.
 
 Each cell is a real `engine.train` call on generated PNGs (timm test_resnet, 32 px, 1 epoch of
-2 steps) tracked in a sqlite MLflow store.
+2 steps) tracked in a sqlite MLflow store, run as a task of this module's local Ray instance
+(test_experiments_ray covers killed workers, concurrent runners and clusters).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def children(ex: Experiment) -> list:
 
 def test_worker_cell_resume_and_growth(tmp_path, data_dir):
     path = write_experiment(tmp_path, data_dir, {"name": "grid", "methods": ["adam", "gcsam"], "seeds": [0]})
-    # one cell trained by a separate worker process, as on another machine
+    # one cell trained by a separate `--cell` invocation (its own local Ray instance)
     worker = subprocess.run([sys.executable, "-m", "medgcsam", "experiment", str(path), "--cell", "1"],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert worker.returncode == 0, worker.stderr[-3000:]
@@ -55,7 +56,7 @@ def test_worker_cell_resume_and_growth(tmp_path, data_dir):
     plan = ex.plan()
     assert list(ex.finished_runs()) == [plan[1].id]
 
-    summary = ex.run(workers=2)  # collects the worker's cell; the other one trains in a spawned worker process
+    summary = ex.run(workers=2)  # skips that cell; the other one trains as a Ray task
     assert summary.ran == [plan[0].id] and summary.skipped == [plan[1].id] and not summary.pending
     runs = children(ex)
     assert sorted(r.data.tags[TAG_CELL] for r in runs) == sorted(c.id for c in plan)
@@ -185,8 +186,8 @@ def test_unwritable_output_folder_is_a_tracking_error(tmp_path, data_dir):
 
 
 def test_a_worker_whose_cell_failed_says_so(tmp_path, data_dir):
-    """`--cell` is how workers run; a failed cell must fail the invocation (exit 1), or the collecting process
-    counts the worker's cell as trained and then reports it as still pending."""
+    """A cell that raises fails the invocation (exit 1 from the CLI) with its error, also with `--cell`; its
+    task is not retried by Ray (the same error would come back)."""
     missing = str(tmp_path / "gone_weights.pth")  # valid config, fails when the cell builds its model
     path = write_experiment(tmp_path, data_dir, {"name": "broken", "seeds": [0],
                                                  "methods": {"adam": {"set": {"model.pretrained_path": missing}}}})
