@@ -126,7 +126,7 @@ class Scheduler:
     def _connect(self) -> None:
         if not ray.is_initialized():
             if self.address:
-                ray.init(address=self.address, log_to_driver=True)
+                ray.init(address=self.address)
             else:
                 cpus = math.ceil((self.workers or 1) * self.cfg.num_cpus)
                 ray.init(address="local", num_cpus=cpus, include_dashboard=False,
