@@ -64,6 +64,8 @@ def replace_atomically(path: Path, write: Callable[[TextIO], object]) -> None:
 def pause_point(name: str) -> None:
     """Test hook for crash tests: when ``MEDGCSAM_TEST_PAUSE_AT`` names this point (``name`` or ``name#n`` for
     its n-th visit), write the marker file and sleep, so that a test can SIGKILL the process exactly here.
+    The marker is also a latch: while it exists no other process pauses (a retried Ray task inherits the
+    environment of the one killed; the test deletes the marker to arm the hook again).
     Costs one environment lookup otherwise."""
     wanted = os.environ.get(PAUSE_ENV)
     if not wanted:
@@ -76,6 +78,8 @@ def pause_point(name: str) -> None:
         return
     marker = os.environ.get(PAUSE_MARKER_ENV)
     if marker:
+        if Path(marker).exists():
+            return
         Path(marker).write_text(f"{os.getpid()}\n", encoding="utf-8")
     while True:
         time.sleep(60)

@@ -1,7 +1,8 @@
-"""Orchestration with real training: nested runs, resumption, worker processes, the selection protocol.
+"""Orchestration with real training: nested runs, resumption, Ray tasks, the selection protocol.
 
 Each cell is a real `engine.train` call on generated PNGs (timm test_resnet, 32 px, 1 epoch of
-2 steps) tracked in a sqlite MLflow store.
+2 steps) tracked in a sqlite MLflow store, run as a task of this module's local Ray instance
+(test_experiments_ray covers killed workers, concurrent runners and clusters).
 """
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 from medgcsam.config import ConfigError
 from medgcsam.experiments import CandidateResult, Experiment, ExperimentError, cv_cells, select, simplicity_key
@@ -22,23 +21,7 @@ from medgcsam.experiments.runner import TAG_CELL, TAG_SUPERSEDED
 from medgcsam.tracking.uri import TrackingError
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """24 grey PNGs, two classes told apart by brightness; 6 test images, train split in 2 folds."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    rows = ["path,label,split,fold"]
-    for label, level in (("benign", 70), ("malignant", 170)):
-        (root / label).mkdir()
-        for i in range(12):
-            Image.fromarray(np.clip(rng.normal(level, 40, (32, 32)), 0, 255).astype(np.uint8)).save(
-                root / label / f"{i}.png")
-            split = "test" if i < 3 else "train"
-            rows.append(f"{label}/{i}.png,{label},{split},{i % 2 if split == 'train' else -1}")
-    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
-    return root
+pytestmark = pytest.mark.usefixtures("local_ray")  # the in-process runners share one local Ray instance
 
 
 def write_experiment(tmp_path: Path, data_dir: Path, exp: dict, **sections) -> Path:
@@ -65,7 +48,7 @@ def children(ex: Experiment) -> list:
 
 def test_worker_cell_resume_and_growth(tmp_path, data_dir):
     path = write_experiment(tmp_path, data_dir, {"name": "grid", "methods": ["adam", "gcsam"], "seeds": [0]})
-    # one cell trained by a separate worker process, as on another machine
+    # one cell trained by a separate `--cell` invocation (its own local Ray instance)
     worker = subprocess.run([sys.executable, "-m", "medgcsam", "experiment", str(path), "--cell", "1"],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert worker.returncode == 0, worker.stderr[-3000:]
@@ -73,7 +56,7 @@ def test_worker_cell_resume_and_growth(tmp_path, data_dir):
     plan = ex.plan()
     assert list(ex.finished_runs()) == [plan[1].id]
 
-    summary = ex.run(workers=2)  # collects the worker's cell; the other one trains in a spawned worker process
+    summary = ex.run(workers=2)  # skips that cell; the other one trains as a Ray task
     assert summary.ran == [plan[0].id] and summary.skipped == [plan[1].id] and not summary.pending
     runs = children(ex)
     assert sorted(r.data.tags[TAG_CELL] for r in runs) == sorted(c.id for c in plan)
@@ -203,8 +186,8 @@ def test_unwritable_output_folder_is_a_tracking_error(tmp_path, data_dir):
 
 
 def test_a_worker_whose_cell_failed_says_so(tmp_path, data_dir):
-    """`--cell` is how workers run; a failed cell must fail the invocation (exit 1), or the collecting process
-    counts the worker's cell as trained and then reports it as still pending."""
+    """A cell that raises fails the invocation (exit 1 from the CLI) with its error, also with `--cell`; its
+    task is not retried by Ray (the same error would come back)."""
     missing = str(tmp_path / "gone_weights.pth")  # valid config, fails when the cell builds its model
     path = write_experiment(tmp_path, data_dir, {"name": "broken", "seeds": [0],
                                                  "methods": {"adam": {"set": {"model.pretrained_path": missing}}}})

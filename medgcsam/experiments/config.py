@@ -109,6 +109,29 @@ class ReportConfig(_Strict):
         return self
 
 
+class SchedulingConfig(_Strict):
+    """What one cell asks of the Ray cluster it runs on, and how its runner holds it (see ``scheduler``/``lease``).
+
+    ``num_gpus`` is a fraction of one GPU (0.2: five cells share a GPU), ``memory_gb`` a reservation Ray
+    schedules by (it does not cap the process). ``max_retries``: how often a cell whose worker or node was lost
+    starts again (from its checkpoint where the cells folder is shared). ``lease_ttl_s``: how long a runner
+    that stopped renewing its leases (killed, cut off from the tracking store) keeps its cells from others.
+    """
+
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    memory_gb: float | None = Field(None, gt=0)
+    max_retries: int = Field(2, ge=0)
+    lease_ttl_s: float = Field(120.0, ge=10)
+
+    @field_validator("num_cpus", "num_gpus")
+    @classmethod
+    def _ray_quantity(cls, v: float) -> float:
+        if v > 1 and v != int(v):  # Ray's rule: a fraction of one unit, or whole units
+            raise ValueError(f"{v} is neither a fraction of one unit (<= 1) nor a whole number; Ray refuses it")
+        return v
+
+
 class ExperimentConfig(_Strict):
     """A whole experiment; ``cells()`` in :mod:`medgcsam.experiments.grid` expands it."""
 
@@ -125,6 +148,7 @@ class ExperimentConfig(_Strict):
     output_dir: Path | None = Field(None, description="Default: <base output_dir>/experiments/<name>")
     tracking_uri: str | None = Field(None, description="Default: the base pipeline's tracking.uri")
     keep_checkpoints: bool = Field(False, description="Keep each finished cell's checkpoints (resnet18: ~90 MB)")
+    scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig)
 
     @field_validator("methods", mode="before")
     @classmethod

@@ -3,10 +3,9 @@
 A cell is finished when a child run of the parent has status FINISHED and the tag
 ``medgcsam.cell_id``, and was trained on the current base pipeline (tag ``medgcsam.base``); the cell-id tag
 is written only after training returned, so a crash mid-cell leaves no tag and the cell is run again
-(resuming from its own checkpoints). Because the state lives in MLflow, cells can run here one by one,
-as worker processes (``workers``), or on other machines (``medgcsam experiment FILE --cell ID`` pointed
-at the same tracking server); running the experiment again without ``--cell`` collects the finished
-cells and writes the report.
+(resuming from its own checkpoints). Cells run as Ray tasks (:mod:`.scheduler`), on a local Ray instance or a
+cluster, each under a lease (:mod:`.lease`) so that runners started at once never train one cell twice;
+the runner collects them as they finish and writes the report.
 """
 
 from __future__ import annotations
@@ -17,9 +16,6 @@ import json
 import logging
 import shutil
 import statistics
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +47,7 @@ from .selection import CandidateResult, select, simplicity_key
 
 if TYPE_CHECKING:
     from .report import ReportSource
+    from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +81,6 @@ class Experiment:
         self.output_dir = (self.config.output_dir or Path(base.output_dir) / "experiments" / self.config.name).resolve()
         self.tracking_uri = choose_tracking_uri(tracking_uri, self.config.tracking_uri, base.tracking.uri,
                                                 output_dir=self.output_dir)
-        self._tracking_override = tracking_uri
         self._base = base
         self.base_fingerprint = fingerprint(base)
         self._parent: str | None = None
@@ -318,72 +314,35 @@ class Experiment:
                 self.client.set_tag(run.info.run_id, TAG_SUPERSEDED, finisher)
                 self.client.set_terminated(run.info.run_id, "KILLED")
 
-    def _spawn(self, cell: Cell) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "medgcsam", "experiment", str(self.path), "--cell", cell.id]
-        for o in self.overrides:
-            cmd += ["--set", o]
-        if self._tracking_override:
-            cmd += ["--tracking-uri", self._tracking_override]
-        logs = self.output_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        out = open(logs / f"{cell.id}.log", "ab")  # noqa: SIM115 - closed with the process below
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        proc._medgcsam_log = out  # type: ignore[attr-defined]
-        return proc
+    def run(self, *, cells: list[str] | None = None, workers: int | None = None, report: bool = True,
+            address: str | None = None) -> RunSummary:
+        """Run what is unfinished (or only ``cells``, by id or plan index) as Ray tasks, then select and report.
 
-    def _run_cells(self, cells: list[Cell], workers: int, summary: RunSummary) -> None:
-        if workers <= 1:
-            for cell in cells:
-                log.info("cell %s (%s): training", cell.id, cell.name)
-                try:
-                    self.run_cell(cell)
-                    summary.ran.append(cell.id)
-                except (ConfigError, ExperimentError):
-                    raise
-                except Exception as exc:  # one failed cell must not lose the others; reported at the end
-                    log.exception("cell %s (%s) failed", cell.id, cell.name)
-                    summary.failed[cell.id] = f"{cell.name}: {type(exc).__name__}: {exc}"
-            return
-        queue, running = list(cells), {}
-        while queue or running:
-            while queue and len(running) < workers:
-                cell = queue.pop(0)
-                running[cell.id] = (cell, self._spawn(cell))
-            time.sleep(0.5)
-            for cid, (cell, proc) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                proc._medgcsam_log.close()  # type: ignore[attr-defined]
-                del running[cid]
-                if proc.returncode == 0:
-                    summary.ran.append(cid)
-                else:
-                    summary.failed[cid] = (f"{cell.name}: worker exit {proc.returncode}, "
-                                           f"see {self.output_dir / 'logs' / (cid + '.log')}")
-
-    def run(self, *, cells: list[str] | None = None, workers: int = 1, report: bool = True) -> RunSummary:
-        """Run what is unfinished (or only ``cells``, by id or plan index), then select and report.
-
-        With ``cells`` given, only those run and no report is written: the invocation is a worker.
+        ``workers``: cells at once (default: 1 on the local Ray instance started here, else what the cluster
+        fits); ``address``: a Ray cluster to submit to (default ``RAY_ADDRESS``, else a local instance).
+        With ``cells`` given, only those run and no report is written.
         """
+        from .scheduler import Scheduler
+
         self.validate()
         summary = RunSummary(parent_run_id=self.parent_run_id() or "")
         self.client.update_run(summary.parent_run_id, status="RUNNING")
         finished = self.finished_runs()
-        if cells:
-            plan = self.plan(finished)
-            picked = [_pick(plan, key, self.config) for key in cells]
-            self._run_stage(picked, finished, workers, summary)
-            _raise_if_failed(summary)  # a worker's exit status is how the collecting process learns of it
-            return summary
-        self._run_stage(self.first_stage(), finished, workers, summary)
-        finished = self.finished_runs()
-        table = self.selection_table(finished)
-        if table is not None:
-            summary.chosen = self.chosen(table)
-            self._log_selection(table)
-            self._run_stage(final_cells(self.config, summary.chosen), finished, workers, summary)
+        with Scheduler(self, workers=workers, address=address) as scheduler:
+            if cells:
+                plan = self.plan(finished)
+                picked = [_pick(plan, key, self.config) for key in cells]
+                self._run_stage(picked, finished, scheduler, summary)
+                _raise_if_failed(summary)
+                return summary
+            self._run_stage(self.first_stage(), finished, scheduler, summary)
             finished = self.finished_runs()
+            table = self.selection_table(finished)
+            if table is not None:
+                summary.chosen = self.chosen(table)
+                self._log_selection(table)
+                self._run_stage(final_cells(self.config, summary.chosen), finished, scheduler, summary)
+                finished = self.finished_runs()
         summary.pending = [c.id for c in self.plan(finished) if c.id not in finished]
         self._supersede({run.info.run_name: run.info.run_id for run in finished.values()})
         if report:
@@ -395,9 +354,10 @@ class Experiment:
         _raise_if_failed(summary)
         return summary
 
-    def _run_stage(self, cells: list[Cell], finished: dict[str, Run], workers: int, summary: RunSummary) -> None:
+    def _run_stage(self, cells: list[Cell], finished: dict[str, Run], scheduler: Scheduler,
+                   summary: RunSummary) -> None:
         summary.skipped += [c.id for c in cells if c.id in finished]
-        self._run_cells([c for c in cells if c.id not in finished], workers, summary)
+        scheduler.run([c for c in cells if c.id not in finished], summary)
 
     def report_source(self, finished: dict[str, Run]) -> ReportSource:
         """The results table of the cells in the current plan, and where the report goes."""
