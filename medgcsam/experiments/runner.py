@@ -16,7 +16,6 @@ import json
 import logging
 import shutil
 import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +41,8 @@ from .records import (
     TIME_PER_EPOCH,
     TIME_TO_BEST,
     WALL_TIME,
+    ExperimentError,
+    RunSummary,
 )
 from .selection import CandidateResult, select, simplicity_key
 
@@ -51,23 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-
-
-class ExperimentError(RuntimeError):
-    """An experiment cannot go on; the message names the cell(s) and what to do."""
-
-
-@dataclass
-class RunSummary:
-    """What one invocation did."""
-
-    parent_run_id: str
-    ran: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    pending: list[str] = field(default_factory=list)
-    chosen: dict[str, int] | None = None
-    report: Path | None = None
 
 
 class Experiment:

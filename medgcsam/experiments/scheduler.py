@@ -30,15 +30,38 @@ import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 from ray.exceptions import RayError, RayTaskError
 
+from .config import ExperimentConfig
 from .grid import Cell
 from .lease import LeaseTable
-from .runner import TAG_BASE, TAG_CELL, Experiment, ExperimentError, RunSummary
+from .records import TAG_BASE, TAG_CELL, ExperimentError, RunSummary
+
+
+class Experiment(Protocol):
+    """What the scheduler uses of ``runner.Experiment`` (which imports this module, not the other way round)."""
+
+    path: Path
+    overrides: list[str]
+    tracking_uri: str
+    output_dir: Path
+    base_fingerprint: str
+    config: ExperimentConfig
+    client: MlflowClient
+
+    def __init__(self, path: str | Path, overrides: list[str] | None = None, *,
+                 tracking_uri: str | None = None) -> None: ...
+
+    def experiment_id(self) -> str: ...
+
+    def parent_run_id(self, create: bool = True) -> str | None: ...
+
+    def run_cell(self, cell: Cell) -> str: ...
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +97,11 @@ def _output_to(path: Path) -> Iterator[None]:
                 os.close(old)
 
 
-def train_cell(path: str, overrides: list[str], tracking_uri: str, cell: Cell) -> dict[str, Any]:
+def train_cell(kind: type[Experiment], path: str, overrides: list[str], tracking_uri: str,
+               cell: Cell) -> dict[str, Any]:
     """One cell, in a Ray worker: skipped if already recorded (a retry after the record was written), else
     trained; its run is tagged with the node and the resources Ray gave the task."""
-    exp = Experiment(path, overrides, tracking_uri=tracking_uri)
+    exp = kind(path, overrides, tracking_uri=tracking_uri)
     done = finished_run(exp, cell)
     if done is not None:
         return {"run_id": done.info.run_id, "trained": False}
@@ -154,7 +178,8 @@ class Scheduler:
         if self.cfg.memory_gb:
             opts["memory"] = int(self.cfg.memory_gb * 2**30)
         task = _FRESH_WORKER if self.cfg.num_gpus else _REUSED_WORKER
-        return task.options(**opts).remote(str(self.exp.path), self.exp.overrides, self.exp.tracking_uri, cell)
+        return task.options(**opts).remote(type(self.exp), str(self.exp.path), self.exp.overrides,
+                                           self.exp.tracking_uri, cell)
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self, cells: list[Cell], summary: RunSummary) -> None:
