@@ -186,3 +186,25 @@ def test_the_experiment_store_follows_mlflow_tracking_uri_like_train(tmp_path):
     given = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                            env={**env, "PYTHONPATH": root, "MLFLOW_TRACKING_URI": store}).stdout.split()
     assert given == [store, "sqlite:////tmp/x.db", store]
+
+
+def test_cells_share_the_machine_s_cores_on_a_local_ray_unless_num_cpus_is_set(tmp_path):
+    """Unset scheduling.num_cpus: a local instance gives each of --workers cells cores // workers (its torch
+    threads), a cluster 1; a set value is used as it is. A fresh interpreter, so no Ray is connected yet."""
+    import os
+    import subprocess
+    import sys
+
+    path = write(tmp_path, sweep())
+    (tmp_path / "pinned").mkdir()
+    pinned = write(tmp_path / "pinned", sweep(scheduling={"num_cpus": 3}))
+    probe = ("from medgcsam.experiments import Experiment; from medgcsam.experiments.scheduler import Scheduler\n"
+             f"print(Scheduler(Experiment({str(path)!r}), workers=1).num_cpus)\n"
+             f"print(Scheduler(Experiment({str(path)!r}), workers=2).num_cpus)\n"
+             f"print(Scheduler(Experiment({str(path)!r}), address='127.0.0.1:1').num_cpus)\n"
+             f"print(Scheduler(Experiment({str(pinned)!r}), workers=2).num_cpus)\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}).stdout.split()
+    cores = os.cpu_count() or 1
+    assert [float(v) for v in out] == [float(cores), float(max(1, cores // 2)), 1.0, 3.0]

@@ -118,7 +118,8 @@ class SchedulingConfig(_Strict):
     that stopped renewing its leases (killed, cut off from the tracking store) keeps its cells from others.
     """
 
-    num_cpus: float = Field(1.0, gt=0)
+    num_cpus: float | None = Field(None, gt=0, description="CPUs (and torch threads) per cell; default: the "
+                                   "machine's cores shared by --workers on a local Ray instance, else 1")
     num_gpus: float = Field(0.0, ge=0)
     memory_gb: float | None = Field(None, gt=0)
     max_retries: int = Field(2, ge=0)
@@ -126,8 +127,8 @@ class SchedulingConfig(_Strict):
 
     @field_validator("num_cpus", "num_gpus")
     @classmethod
-    def _ray_quantity(cls, v: float) -> float:
-        if v > 1 and v != int(v):  # Ray's rule: a fraction of one unit, or whole units
+    def _ray_quantity(cls, v: float | None) -> float | None:
+        if v is not None and v > 1 and v != int(v):  # Ray's rule: a fraction of one unit, or whole units
             raise ValueError(f"{v} is neither a fraction of one unit (<= 1) nor a whole number; Ray refuses it")
         return v
 

@@ -125,6 +125,9 @@ class Scheduler:
         self.cfg = exp.config.scheduling
         self.workers = workers
         self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self.num_cpus = self.cfg.num_cpus or 1.0  # unset: 1 on a cluster; the local instance shares the cores
+        if self.cfg.num_cpus is None and not self.address and not ray.is_initialized():
+            self.num_cpus = float(max(1, (os.cpu_count() or 1) // (workers or 1)))
         self.leases: LeaseTable | None = None
         self._own_ray = False
         self._beat_every = self.cfg.lease_ttl_s / 4
@@ -142,7 +145,7 @@ class Scheduler:
     # ---- Ray ---------------------------------------------------------------------------------
     def demand(self) -> dict[str, float]:
         """Ray resources of one cell's task."""
-        need = {"CPU": self.cfg.num_cpus, "GPU": self.cfg.num_gpus}
+        need = {"CPU": self.num_cpus, "GPU": self.cfg.num_gpus}
         if self.cfg.memory_gb:
             need["memory"] = self.cfg.memory_gb * 2**30
         return {k: v for k, v in need.items() if v > 0}
@@ -152,7 +155,7 @@ class Scheduler:
             if self.address:
                 ray.init(address=self.address)
             else:
-                cpus = math.ceil((self.workers or 1) * self.cfg.num_cpus)
+                cpus = math.ceil((self.workers or 1) * self.num_cpus)
                 ray.init(address="local", num_cpus=cpus, include_dashboard=False,
                          object_store_memory=LOCAL_OBJECT_STORE_BYTES)
             self._own_ray = True
@@ -173,7 +176,7 @@ class Scheduler:
         return max(1, min(fits, self.workers) if self.workers else fits)
 
     def _submit(self, cell: Cell) -> ray.ObjectRef:
-        opts: dict[str, Any] = {"num_cpus": self.cfg.num_cpus, "num_gpus": self.cfg.num_gpus,
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.cfg.num_gpus,
                                 "max_retries": self.cfg.max_retries, "name": f"medgcsam cell {cell.name}"}
         if self.cfg.memory_gb:
             opts["memory"] = int(self.cfg.memory_gb * 2**30)
