@@ -31,10 +31,10 @@ for name in cachetools click cloudpickle databricks-sdk gitpython opentelemetry-
   get "$(pin "$name")" || echo "warning: $name not downloaded"
 done
 # Ray (the experiment runner's scheduler) is a 79 MB wheel, over the 64 MiB a call carries with everything else:
-# it travels as .whl/ray_trim.tar.xz (about 18 MB), the wheel unpacked without what a Python-only local Ray never
-# loads (the Java jars, the dashboard's web client, rllib/serve/data/train/tune/llm) and with its three native
-# programs stripped of symbols; gpu_check.sh unpacks it beside the wheels. jsonschema's family is what the GPU
-# image lacks of Ray's requirements.
+# it travels as .whl/ray_trim.tar.xz (16.6 MB), the wheel unpacked without what a Python-only local Ray never
+# loads (the Java jars, the dashboard's web client, rllib/serve/data/train/tune/llm), its native programs and
+# extension modules stripped of symbols, xz -9. The same trim of the cp311 wheel passed tests/test_experiments_ray.py
+# here. gpu_check.sh unpacks it beside the wheels; jsonschema's family is what the GPU image lacks of Ray's needs.
 for name in jsonschema jsonschema-specifications referencing rpds-py; do
   get "$(pin "$name")"
 done
@@ -45,8 +45,10 @@ pack_ray() {  # pack_ray PYVER OUT: the trimmed Ray of constraints.txt for CPyth
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d "$tmp" "$(pin ray)"
   (cd "$tmp" && unzip -q ./ray-*.whl && rm ./ray-*.whl \
     && rm -rf ray/jars ray/dashboard/client/build ray/rllib ray/serve ray/data ray/train ray/tune ray/llm \
-    && strip --strip-unneeded ray/_raylet.so ray/core/src/ray/raylet/raylet ray/core/src/ray/gcs/gcs_server \
-    && tar cf - ray ray-*.dist-info | xz -6 -T2 > "$2")
+    && find ray -name '*.js.map' -delete \
+    && find ray -name '*.so' -exec strip --strip-unneeded {} + \
+    && strip --strip-unneeded ray/core/src/ray/raylet/raylet ray/core/src/ray/gcs/gcs_server \
+    && tar cf - ray ray-*.dist-info | xz -9 -T2 > "$2")
   rm -rf "$tmp"
 }
 pack_ray 3.12 "$PWD/.whl/ray_trim.tar.xz"
