@@ -156,3 +156,36 @@ def test_ood_scores_higher_on_shifted_images(trained, tmp_path):
         scores[name] = table
     assert scores["shifted"]["ood_score"].median() > scores["inside"]["ood_score"].max()
     assert scores["shifted"]["ood_flag"].mean() > 0.9 and scores["inside"]["ood_flag"].mean() < 0.5
+
+
+def test_validate_external_without_a_store_uses_train_s_default_store(trained, tmp_path):
+    """No --tracking-uri and no $MLFLOW_TRACKING_URI: a models:/ reference is read from, and the new run logged
+    to, sqlite:///outputs/mlflow.db under the working folder, the store `train` uses there (not MLflow's own
+    default store)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root, manifest, uri, _ = trained
+    (tmp_path / "outputs").mkdir()
+    store = tmp_path / "outputs" / "mlflow.db"
+    shutil.copyfile(uri.removeprefix("sqlite:///"), store)  # artifact locations stay absolute: the copy serves
+    df = read_manifest(manifest)
+    ext_manifest = write_manifest(df[df["split"] == "test"].assign(split="", fold=-1), tmp_path / "external.csv")
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+
+    def external_runs() -> list[str]:
+        return [r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                                           "tags.`medgcsam.kind` = 'external_validation'")]
+
+    before = external_runs()  # the module's other tests may have logged some into the store copied here
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-m", "medgcsam", "validate-external", "--model",
+                           "models:/ext-model@champion", "--manifest", str(ext_manifest), "--root",
+                           str(root / "data"), "--bootstrap", "20"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    assert len(set(external_runs()) - set(before)) == 1

@@ -18,13 +18,14 @@ import mlflow
 import typer
 from mlflow.tracking import MlflowClient
 
-from medgcsam.config import EvaluationConfig
+from medgcsam.config import EvaluationConfig, PipelineConfig
 from medgcsam.data.manifest import ManifestError
 from medgcsam.evaluation.cli import EXIT_USAGE
 from medgcsam.evaluation.external import SPLIT, ExternalResult, validate_external
 from medgcsam.evaluation.runs import Origin, linked_run, model_origin, training_experiment
 from medgcsam.inference.package import MODEL_REFERENCE_HELP, ModelLoadError, load_classifier_with_ood
 from medgcsam.tracking import TrackingError, activate, ensure_reachable
+from medgcsam.tracking.uri import choose_tracking_uri
 
 EXPERIMENT = "medgcsam-external"  # used when the model's own run (and so its experiment) is unknown
 INTERNAL_ARTIFACT = "evaluation/evaluation.json"
@@ -88,7 +89,8 @@ def validate_external_command(
     output: Path | None = typer.Option(None, "--output", "-o", help="Folder for the report, JSON, predictions "
                                        "and PNGs (default: external/<manifest name>)"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow store holding the model and "
-                                            "taking the new run (default: $MLFLOW_TRACKING_URI)"),
+                                            "taking the new run (default: $MLFLOW_TRACKING_URI, else "
+                                            "sqlite:///outputs/mlflow.db as `train` uses)"),
     internal: Path | None = typer.Option(None, "--internal", help="The model's own evaluation.json, when not in "
                                          "its MLflow run or beside its checkpoint"),
     refit: bool = typer.Option(False, "--refit", help="Also re-fit temperature and operating point on these "
@@ -100,7 +102,7 @@ def validate_external_command(
 ) -> None:
     """Validate a frozen model on another site's labelled images: full clinical report with 95% CIs, per
     source, internal test vs external with the difference, OOD flag rate; logged to a NEW MLflow run."""
-    uri = tracking_uri or mlflow.get_tracking_uri()
+    uri = choose_tracking_uri(tracking_uri, output_dir=PipelineConfig.model_fields["output_dir"].default)
     try:
         if model.startswith(("models:/", "runs:/")) or tracking_uri:
             ensure_reachable(uri)
