@@ -172,8 +172,9 @@ class Experiment:
             order_by=["attributes.start_time ASC"], max_results=1)  # ties broken by run id in MLflow's stores
         return runs[0].info.run_id if runs else None
 
-    def finished_runs(self) -> dict[str, Run]:
-        """Cell id -> its FINISHED child run (the latest when a cell was run twice) on the current base pipeline.
+    def finished_runs(self, only: str | None = None) -> dict[str, Run]:
+        """Cell id -> its FINISHED child run (the latest when a cell was run twice) on the current base pipeline;
+        ``only``: just that cell id (what a scheduler asks before and after training one cell).
 
         A run trained before the base pipeline or the experiment's overrides changed is stale: the cell id covers
         only the cell's own settings. Runs without the fingerprint tag (older stores) are taken as they are."""
@@ -182,10 +183,11 @@ class Experiment:
             return {}
         out: dict[str, Run] = {}
         token = None
+        one = f" and tags.`{TAG_CELL}` = '{only}'" if only else ""
         while True:
             page = self.client.search_runs(
                 [self.experiment_id()],
-                f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'FINISHED'",
+                f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'FINISHED'{one}",
                 order_by=["attributes.start_time ASC"], max_results=1000, page_token=token)
             for run in page:
                 cell_id = run.data.tags.get(TAG_CELL)

@@ -40,7 +40,7 @@ from ray.exceptions import RayError, RayTaskError
 from .config import ExperimentConfig
 from .grid import Cell
 from .lease import LeaseTable
-from .records import TAG_BASE, TAG_CELL, ExperimentError, RunSummary
+from .records import ExperimentError, RunSummary
 
 
 class Experiment(Protocol):
@@ -50,18 +50,18 @@ class Experiment(Protocol):
     overrides: list[str]
     tracking_uri: str
     output_dir: Path
-    base_fingerprint: str
     config: ExperimentConfig
     client: MlflowClient
 
     def __init__(self, path: str | Path, overrides: list[str] | None = None, *,
                  tracking_uri: str | None = None) -> None: ...
 
-    def experiment_id(self) -> str: ...
-
     def parent_run_id(self, create: bool = True) -> str | None: ...
 
     def run_cell(self, cell: Cell) -> str: ...
+
+    def finished_runs(self, only: str | None = None) -> dict[str, Run]: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,8 @@ LOCAL_OBJECT_STORE_BYTES = 128 * 2**20  # cells pass ids and small dicts, never 
 
 
 def finished_run(exp: Experiment, cell: Cell) -> Run | None:
-    """The FINISHED child run recording ``cell`` on the current base pipeline (``Experiment.finished_runs`` for
-    one cell), or None."""
-    runs = exp.client.search_runs(
-        [exp.experiment_id()],
-        f"tags.`mlflow.parentRunId` = '{exp.parent_run_id()}' and attributes.status = 'FINISHED' "
-        f"and tags.`{TAG_CELL}` = '{cell.id}'", max_results=100)
-    mine = [r for r in runs if r.data.tags.get(TAG_BASE, exp.base_fingerprint) == exp.base_fingerprint]
-    return mine[0] if mine else None
+    """The FINISHED child run recording ``cell`` on the current base pipeline, or None (the runner's rule)."""
+    return exp.finished_runs(only=cell.id).get(cell.id)
 
 
 @contextlib.contextmanager
